@@ -85,11 +85,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: (B, S, H) -> (B, S, H)."""
+    """Pre-norm transformer block: (B, S, H) -> (B, S, H).
+
+    ``tp_plan`` is the Megatron split, read both by the profiler (which GEMM dimension a
+    tensor-parallel degree divides) and by the executor (DTensor sharding): q/k/v and fc are
+    column-parallel, the two output projections row-parallel, so a block all-reduces twice.
+    """
+
+    tp_plan = {
+        "attn.q": "colwise", "attn.k": "colwise", "attn.v": "colwise", "attn.proj": "rowwise",
+        "mlp.fc": "colwise", "mlp.proj": "rowwise",
+    }
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
+        # Heads are the unit of the split; every divisor of the head count also divides 4h.
+        self.tp_max_degree = cfg.num_heads
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden)

@@ -14,16 +14,22 @@ __all__ = ["MLPConfig", "MLP", "UnbalancedConfig", "Unbalanced"]
 
 
 class DenseBlock(nn.Module):
-    """Linear -> GELU (-> Linear back to ``dim`` when ``width`` differs): (B, dim) -> (B, dim)."""
+    """Residual Linear(dim->width) -> GELU -> Linear(width->dim): (B, dim) -> (B, dim).
+
+    Column-parallel ``up`` and row-parallel ``down`` (one all-reduce per forward) under tensor
+    parallelism; ``tp_max_degree`` is the width, the dimension the split divides.
+    """
+
+    tp_plan = {"up": "colwise", "down": "rowwise"}
 
     def __init__(self, dim: int, width: int) -> None:
         super().__init__()
         self.up = nn.Linear(dim, width)
-        self.down = nn.Linear(width, dim) if width != dim else None
+        self.down = nn.Linear(width, dim)
+        self.tp_max_degree = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.gelu(self.up(x))
-        return self.down(y) if self.down is not None else y
+        return x + self.down(F.gelu(self.up(x)))
 
 
 class _Regression(SequentialModel):
@@ -46,17 +52,18 @@ class _Regression(SequentialModel):
 class MLPConfig:
     num_layers: int = 8
     dim: int = 64
+    width: int = 256
 
     def __post_init__(self) -> None:
-        if self.num_layers < 1 or self.dim < 1:
-            raise ValueError(f"MLPConfig needs num_layers >= 1 and dim >= 1, got {self}")
+        if min(self.num_layers, self.dim, self.width) < 1:
+            raise ValueError(f"MLPConfig needs num_layers, dim and width >= 1, got {self}")
 
 
 class MLP(_Regression):
-    """``num_layers`` equal blocks of width ``dim``."""
+    """``num_layers`` equal residual blocks dim -> width -> dim."""
 
     def __init__(self, cfg: MLPConfig) -> None:
-        super().__init__([DenseBlock(cfg.dim, cfg.dim) for _ in range(cfg.num_layers)])
+        super().__init__([DenseBlock(cfg.dim, cfg.width) for _ in range(cfg.num_layers)])
         self.config, self.dim = cfg, cfg.dim
 
 
