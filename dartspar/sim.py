@@ -18,6 +18,12 @@ Operation orders follow torch.distributed.pipelining (torch 2.13, ``schedules.py
   backward and one forward, then the remaining backwards. That is the same sequence as
   "p - s - 1 warm-up forwards, then 1F1B pairs, then cool-down backwards".
 
+What it found (tests/test_sim.py, experiments/sim_vs_closed_form.py): the GPipe closed form is
+exact, equal or unequal stages, with or without p2p (each phase is a flow shop of identical
+jobs). The 1F1B closed form is exact on equal stages without p2p only: with p2p it leaves out
+that stage s's p - s micro-batches cannot cover its round trip, and on unequal stages it charges
+the slowest stage for warm-up forwards that overlap the first round trip.
+
 Not modelled: torch's fused, blocking p2p in 1F1B (``_wait_batch_p2p(fwd_sends + bwd_recvs)``
 makes the stage wait for its own sends), the loss computation as a separate step, gradient
 reduction after the last backward, and kernel launch jitter.
@@ -77,6 +83,8 @@ class SimResult:
 
 def stage_op_order(num_stages: int, num_microbatches: int, schedule: str) -> list[list[tuple[str, int]]]:
     """Per stage, the (kind, micro-batch) compute operations in the order torch runs them.
+
+    m < p is allowed for 1F1B (warm-up capped at m) although torch's Schedule1F1B refuses it.
 
     Returns:
         p lists of ("F" | "B", micro-batch index), each of length 2 m.
@@ -163,17 +171,25 @@ class _Engine:
         self.seq = 0
 
     def run(self) -> SimResult:
-        self._dispatch(0.0)
+        for key in self.link_queue:
+            self._try_link(0.0, key)
+        for s in range(self.p):
+            self._try_stage(0.0, s)
         while self.heap:
             end, _, kind, s, i, start = heapq.heappop(self.heap)
             self.done[(kind, s, i)] = end
             self.events.append(SimEvent(s, i, kind, start, end))
+            # Only the resources this completion frees or feeds can change state.
             if kind in _COMPUTE_KINDS:
                 self.stage_busy[s] = False
-                self._enqueue_send(kind, s, i)
+                link = self._enqueue_send(kind, s, i)
+                if link is not None:
+                    self._try_link(end, link)
+                self._try_stage(end, s)
             else:
                 self.link_busy[(kind, s)] = False
-            self._dispatch(end)
+                self._try_link(end, (kind, s))
+                self._try_stage(end, s + 1 if kind == "send_F" else s - 1)
         expected = 2 * self.p * self.m + 2 * (self.p - 1) * self.m
         if len(self.events) != expected:
             # Unreachable with the orders above; guards future schedules against silent deadlock.
@@ -184,10 +200,15 @@ class _Engine:
         return self._result()
 
     def _enqueue_send(self, kind, s, i):
+        """Queue the output of F/B(s, i) on its outgoing link; returns the link, if any."""
         if kind == "F" and s < self.p - 1:
-            self.link_queue[("send_F", s)].append(i)
+            key = ("send_F", s)
         elif kind == "B" and s > 0:
-            self.link_queue[("send_B", s)].append(i)
+            key = ("send_B", s)
+        else:
+            return None
+        self.link_queue[key].append(i)
+        return key
 
     def _ready(self, kind, s, i) -> bool:
         if kind == "F":
@@ -201,20 +222,21 @@ class _Engine:
         heapq.heappush(self.heap, (end, self.seq, kind, s, i, now))
         self.seq += 1
 
-    def _dispatch(self, now):
-        for key, queue in self.link_queue.items():
-            if queue and not self.link_busy[key]:
-                self.link_busy[key] = True
-                self._start(now, key[0], key[1], queue.popleft())
-        for s in range(self.p):
-            k = self.next_index[s]
-            if self.stage_busy[s] or k == len(self.orders[s]):
-                continue
-            kind, i = self.orders[s][k]
-            if self._ready(kind, s, i):
-                self.stage_busy[s] = True
-                self.next_index[s] = k + 1
-                self._start(now, kind, s, i)
+    def _try_link(self, now, key):
+        queue = self.link_queue[key]
+        if queue and not self.link_busy[key]:
+            self.link_busy[key] = True
+            self._start(now, key[0], key[1], queue.popleft())
+
+    def _try_stage(self, now, s):
+        k = self.next_index[s]
+        if self.stage_busy[s] or k == len(self.orders[s]):
+            return
+        kind, i = self.orders[s][k]
+        if self._ready(kind, s, i):
+            self.stage_busy[s] = True
+            self.next_index[s] = k + 1
+            self._start(now, kind, s, i)
 
     def _result(self) -> SimResult:
         events = tuple(sorted(self.events, key=lambda e: (e.start_s, e.end_s, e.stage, e.kind)))

@@ -10,10 +10,15 @@ as a resource of its own (sends are asynchronous):
 - GPipe (all forwards, then all backwards; a flow shop of identical jobs per phase):
   ``sum(f) + sum(b) + 2 sum(c) + (m - 1) * (max(f ∪ c) + max(b ∪ c))``
 - 1F1B (steady state alternates one forward and one backward per stage):
-  ``sum(f + b) + 2 sum(c) + (m - 1) * max((f + b) ∪ 2c)``
+  ``sum(f + b) + 2 sum(c) * (1 + floor((m - 1)(p - 1) / p) / (p - 1)) + (m - 1) * max(f + b)``.
+  Stage s keeps only p - s micro-batches in flight, too few to hide the round trip to the last
+  stage, so the links' time is exposed in the steady state too: on equal stages this is exact
+  (fitted to and checked against ``dartspar.sim``, links no slower than a stage), and for slow
+  links it follows the simulated steady period ``(f + b) + 2c(p - 1)/p``. It stays additive in
+  the link times, so the exact DP needs only the slowest-stage bound. On unequal stages it is an
+  approximation whose error ``experiments/sim_vs_closed_form.py`` measures.
 
-Both reduce to the textbook ``(m + p - 1) * t`` on equal stages with free links. The 1F1B form
-is exact on equal stages and an approximation on unequal ones; ``dartspar.sim`` measures its error.
+Both reduce to the textbook ``(m + p - 1) * t`` on equal stages with free links.
 """
 
 from __future__ import annotations
@@ -63,8 +68,11 @@ def pipeline_makespan_s(
         slow_f = smooth_max(torch.cat([fwd_s, comm], dim=-1), smooth)
         slow_b = smooth_max(torch.cat([bwd_s, comm], dim=-1), smooth)
         return base + m_minus_1 * (slow_f + slow_b)
-    slow = smooth_max(torch.cat([fwd_s + bwd_s, 2 * comm], dim=-1), smooth)
-    return base + m_minus_1 * slow
+    p = fwd_s.shape[-1]
+    if p > 1:
+        exposed = torch.floor(m_minus_1 * (p - 1) / p) / (p - 1)
+        base = base + 2 * comm.sum(-1) * exposed
+    return base + m_minus_1 * smooth_max(fwd_s + bwd_s, smooth)
 
 
 def inflight_microbatches(num_stages: int, num_microbatches: int, schedule: str) -> torch.Tensor:

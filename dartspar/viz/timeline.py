@@ -85,6 +85,9 @@ def plot_timelines(
         seen.update(bar.kind for bar in b)
         if title:
             ax.set_title(title)
+    if vertical and share_time:
+        for ax in axes[:-1]:
+            ax.set_xlabel("")  # the shared axis is labelled once, at the bottom
     handles = [Patch(color=_COLOURS[k], label=_LEGEND[k]) for k in _COLOURS if k in seen]
     if seen - set(_COLOURS):
         handles.append(Patch(color=_OTHER_COLOUR, label="other"))
