@@ -376,11 +376,9 @@ class SearchSpace:
         ``make_plan(choice)``, without rebuilding tables per plan (the fast path for baselines
         and local refinement); ``infeasible`` > 0 flags a device group the space does not allow.
         """
-        from .cost.model import relaxed_cost
-
         rows = self.one_hot_rows(choice)
         soft, infeasible = self.soft_plan(**rows)
-        return relaxed_cost(soft, self.tables(choice.microbatches), smooth_s), infeasible
+        return self.cost_model.relaxed(soft, self.tables(choice.microbatches), smooth_s), infeasible
 
     def tables(self, num_microbatches: int):
         """The cost model's tables over ``self.configs`` at micro-batch size B / m.

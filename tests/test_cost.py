@@ -236,3 +236,14 @@ def test_gradient_precision_scales_sync(case):
     int8 = cm.evaluate(replace(base, gradient_precision="int8")).dp_sync_s
     alpha = 2 * 3 * NVLINK.latency_s
     assert int8 - alpha == pytest.approx((fp32 - alpha) / 4, rel=1e-9)
+
+
+def test_overheads_add_per_microbatch_pass_and_per_step(case):
+    profile, cluster, cm, space = case
+    plan = space.make_plan(Choice(0, (4,), (space.shapes.index((2, 1)),) * 2, 8, "1f1b", (False,) * 8))
+    base = cm.evaluate(plan).step_time_s
+    with_overhead = CostModel(profile, cluster, stage_overhead_s=1e-3, step_overhead_s=5e-3).evaluate(plan)
+    # 1F1B: (m + p - 1) forward and backward passes on the critical path, each 1 ms longer.
+    assert with_overhead.step_time_s - base == pytest.approx((8 + 2 - 1) * 2 * 1e-3 + 5e-3, rel=1e-9)
+    with pytest.raises(ValueError, match="stage_overhead_s=-1"):
+        CostModel(profile, cluster, stage_overhead_s=-1)

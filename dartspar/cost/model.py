@@ -10,7 +10,12 @@ when the rows are one-hot: ``CostModel.evaluate(plan)`` builds exactly that one-
 the baselines, the search and the executor's predicted column share every formula.
 
 Step time = pipeline makespan (GPipe / 1F1B closed form, ``schedule.py``) + the slowest stage's
-gradient synchronisation, which starts after the stage's last backward and is not overlapped.
+gradient synchronisation, which starts after the stage's last backward and is not overlapped,
++ a fixed per-step overhead. Every stage also pays a fixed overhead per micro-batch and pass
+(kernel launches, the pipelining runtime): both overheads are 0 unless calibrated
+(``dartspar.calibrate``), since on GPUs they are small and on CPU they are machine-specific.
+Not modelled: the optimizer update itself (memory-bound, ~1% of a GPU step; absorbed by the
+calibrated per-step overhead).
 """
 
 from __future__ import annotations
@@ -111,10 +116,15 @@ class RelaxedCost:
     inflight: torch.Tensor  # (p,)
 
 
-def relaxed_cost(soft: SoftPlan, tables: LayerTables, smooth_s: float | None = None) -> RelaxedCost:
+def relaxed_cost(
+    soft: SoftPlan, tables: LayerTables, smooth_s: float | None = None,
+    stage_overhead_s: float = 0.0, step_overhead_s: float = 0.0,
+) -> RelaxedCost:
     """Expected step time, per-stage terms and memory of ``soft`` (see module doc).
 
     ``smooth_s``: log-sum-exp temperature in seconds for the slowest-stage terms; None = exact.
+    ``stage_overhead_s``: fixed seconds per stage, micro-batch and pass (forward or backward);
+    ``step_overhead_s``: fixed seconds per step.
     """
     W, Q, R = soft.membership, soft.config_probs, soft.recompute
     num_stages = W.shape[0]
@@ -128,8 +138,8 @@ def relaxed_cost(soft: SoftPlan, tables: LayerTables, smooth_s: float | None = N
     bwd_compute = per_stage(ct.bwd_compute_s)
     tp_fwd = per_stage(ct.tp_comm_s)
     recompute = per_stage(R[:, None] * (ct.fwd_compute_s + ct.tp_comm_s))
-    fwd = fwd_compute + tp_fwd
-    bwd = bwd_compute + tp_fwd + recompute
+    fwd = fwd_compute + tp_fwd + stage_overhead_s
+    bwd = bwd_compute + tp_fwd + recompute + stage_overhead_s
 
     # Stage-to-stage transfer: the last layer's output, each replica sending its shard.
     lat = torch.tensor([link.latency_s for link in soft.links], dtype=torch.float64)
@@ -148,7 +158,7 @@ def relaxed_cost(soft: SoftPlan, tables: LayerTables, smooth_s: float | None = N
     sync = torch.where(Q @ (tables.dp > 1).double() > 0, sync, torch.zeros_like(sync))
 
     makespan = pipeline_makespan_s(fwd, bwd, p2p, soft.num_microbatches, soft.schedule, smooth_s)
-    step = makespan + smooth_max(sync, smooth_s)
+    step = makespan + smooth_max(sync, smooth_s) + step_overhead_s
 
     inflight = inflight_microbatches(num_stages, soft.num_microbatches, soft.schedule)
     memory = stage_memory_bytes(W, R, inflight, tables.memory)
@@ -231,6 +241,8 @@ class CostModel:
             else "fp32", unless given).
         smooth_rel: log-sum-exp temperature for the reported smooth step time, as a fraction of
             the mean per-micro-batch stage time.
+        stage_overhead_s / step_overhead_s: fixed overheads (see module doc); default: the
+            cluster's calibration, else 0.
     """
 
     def __init__(
@@ -240,12 +252,26 @@ class CostModel:
         estimator: LatencyEstimator | str = "roofline",
         compute_dtype: str | None = None,
         smooth_rel: float = 0.05,
+        stage_overhead_s: float | None = None,
+        step_overhead_s: float | None = None,
     ) -> None:
         self.profile = profile
         self.cluster = cluster
         self.estimator = make_estimator(estimator) if isinstance(estimator, str) else estimator
         self.compute_dtype = compute_dtype or ("bf16" if profile.dtype_bytes == 2 else "fp32")
         self.smooth_rel = smooth_rel
+        calibration = getattr(cluster, "calibration", None) or {}
+        self.stage_overhead_s = float(
+            calibration.get("stage_overhead_s", 0.0) if stage_overhead_s is None else stage_overhead_s
+        )
+        self.step_overhead_s = float(
+            calibration.get("step_overhead_s", 0.0) if step_overhead_s is None else step_overhead_s
+        )
+        if self.stage_overhead_s < 0 or self.step_overhead_s < 0:
+            raise ValueError(
+                f"overheads must be >= 0, got stage_overhead_s={self.stage_overhead_s}, "
+                f"step_overhead_s={self.step_overhead_s}"
+            )
         self._tables: dict = {}
         self._grad_bytes = torch.tensor([lay.grad_bytes for lay in profile.layers], dtype=torch.float64)
         self._param_bytes = torch.tensor([lay.param_bytes for lay in profile.layers], dtype=torch.float64)
@@ -353,6 +379,10 @@ class CostModel:
         )
         return soft, tables
 
+    def relaxed(self, soft: SoftPlan, tables: LayerTables, smooth_s: float | None = None) -> RelaxedCost:
+        """``relaxed_cost`` with this model's overheads: what every planner must call."""
+        return relaxed_cost(soft, tables, smooth_s, self.stage_overhead_s, self.step_overhead_s)
+
     def smooth_temperature_s(self, cost: RelaxedCost) -> float:
         """The reported smooth max's temperature: ``smooth_rel`` x mean stage time."""
         return self.smooth_rel * float((cost.fwd_s + cost.bwd_s).mean().detach())
@@ -360,9 +390,9 @@ class CostModel:
     def evaluate(self, plan: Plan) -> CostBreakdown:
         """Predicted step time, per-stage terms and per-device peak memory of ``plan``."""
         soft, tables = self.one_hot(plan)
-        exact = relaxed_cost(soft, tables)
+        exact = self.relaxed(soft, tables)
         temperature = self.smooth_temperature_s(exact)
-        smooth = relaxed_cost(soft, tables, smooth_s=temperature)
+        smooth = self.relaxed(soft, tables, smooth_s=temperature)
         m = plan.num_microbatches
         stages, peak = [], {}
         for k, stage in enumerate(plan.stages):
