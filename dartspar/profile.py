@@ -25,6 +25,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .models.sequential import SequentialModel
+from .profile_ops import iter_tensors, storage_key, tensor_bytes
+from .profile_trace import ATTENTION_BACKENDS, TP_STYLES, trace
+
 __all__ = ["GemmShape", "LayerProfile", "ModelProfile", "profile", "OPTIMIZER_BYTES_PER_PARAM"]
 
 # Adam in mixed precision: fp32 master weights + two fp32 moments.
@@ -234,14 +238,12 @@ def profile(
             an invalid ``tp_plan``, blocks that do not run exactly once and in order, or a
             model with nothing to train.
     """
-    from .models.sequential import SequentialModel
-    from .profile_ops import iter_tensors
-    from .profile_trace import ATTENTION_BACKENDS, trace
-
     if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, int) or dtype_bytes < 1:
-        raise ValueError(f"profile: dtype_bytes={dtype_bytes!r} must be a positive int (2 for bf16)")
+        raise ValueError(
+            f"profile: dtype_bytes={dtype_bytes!r} must be a positive int (2 for bf16)")
     if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"profile: attention={attention!r} is unknown; choose one of {ATTENTION_BACKENDS}")
+        raise ValueError(
+            f"profile: attention={attention!r} is unknown; choose one of {ATTENTION_BACKENDS}")
     args, kwargs = _split_inputs(example_inputs)
     first = next(iter(iter_tensors((args, kwargs))), None)
     if first is None or first.dim() == 0:
@@ -256,7 +258,17 @@ def profile(
             "are unknown; pass blocks= naming its block list, one of "
             f"{_module_list_paths(model) or '(none found)'}"
         )
-    paths = ["layers"] if sequential else ([blocks] if isinstance(blocks, str) else list(blocks))
+    if sequential:
+        paths = ["layers"]
+    elif isinstance(blocks, str):
+        paths = [blocks]
+    elif isinstance(blocks, (list, tuple)) and blocks:
+        paths = list(blocks)
+    else:
+        raise ValueError(
+            f"profile: blocks={blocks!r} must be a submodule path such as 'layers' or a "
+            f"non-empty list of such paths; module lists in the model: {_module_list_paths(model)}"
+        )
     _resolve_blocks(model, paths, blocks)  # validate before copying anything
 
     work = model if _is_meta(model) else _meta_copy(model)
@@ -338,7 +350,8 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy whose parameters and buffers are meta tensors (the data is never copied)."""
     memo: dict[int, Any] = {}
     for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        meta_tensor = torch.empty_like(p, device="meta")
+        memo[id(p)] = nn.Parameter(meta_tensor, requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
     return copy.deepcopy(model, memo)
@@ -382,7 +395,8 @@ def _resolve_blocks(
             raise ValueError(
                 f"profile: blocks={blocks_arg!r}: {path!r} is a {type(container).__name__}, not "
                 f"an nn.ModuleList or nn.Sequential; its child modules are "
-                f"{list(container._modules)}; module lists in the model: {_module_list_paths(model)}"
+                f"{list(container._modules)}; module lists in the model: "
+                f"{_module_list_paths(model)}"
             )
         if len(container) == 0:
             raise ValueError(f"profile: blocks={blocks_arg!r}: {path!r} is empty")
@@ -399,8 +413,6 @@ def _resolve_blocks(
 
 def _tp_plan(module: nn.Module, layer_name: str) -> dict[str, str] | None:
     """The layer's validated tensor-parallel plan, or None when it does not split."""
-    from .profile_trace import TP_STYLES
-
     plan = getattr(module, "tp_plan", None)
     if plan is None:
         return None
@@ -438,8 +450,6 @@ def _param_segments(model: nn.Module, blocks: list[nn.Module], segments: list) -
     A block owns its own parameters (the first block, if shared); any other parameter belongs
     to the first segment whose forward reads it.
     """
-    from .profile_ops import storage_key
-
     owners: dict[int, tuple[nn.Parameter, int]] = {}
     for index, block in enumerate(blocks):
         for p in block.parameters():
@@ -469,8 +479,6 @@ def _merge_gemms(gemms: list) -> tuple[GemmShape, ...]:
 
 
 def _layer_profile(name, kind, stats, params, dtype_bytes, tp_plan, module) -> LayerProfile:
-    from .profile_ops import tensor_bytes
-
     trainable = [p for p in params if p.requires_grad]
     trainable_count = sum(p.numel() for p in trainable)
     return LayerProfile(

@@ -13,6 +13,12 @@ profiler adds (discarded). Three mechanisms attribute work to segments:
   layers or weights tied across them;
 * saved activations: ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor autograd
   keeps for backward while the segment that saves it is running.
+
+Work done between two blocks (outside both) is charged to the earlier one. A model that sets
+its own saved-tensor hooks (non-reentrant activation checkpointing) hides those tensors from
+the profiler, and its recomputation shows up as backward FLOPs, as it would on a GPU.
+Functional meta kernels are replayed from a cache (``_MetaOpCache``), which is what makes a
+96-block model profile in seconds.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from .profile_ops import (
     GemmProduct, iter_tensors, op_bytes_moved, op_flops, op_gemm_products, storage_bytes,
@@ -78,6 +83,104 @@ def _boundary_bytes(obj: Any, dtype_bytes: int) -> int:
     return total
 
 
+def _freeze(obj: Any) -> Any:
+    """A hashable description of an op argument that fixes a meta kernel's result."""
+    if isinstance(obj, torch.Tensor):
+        return (torch.Tensor, tuple(obj.shape), obj.stride(), obj.storage_offset(), obj.dtype,
+                obj.device, obj.layout)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), tuple(_freeze(item) for item in obj))
+    if isinstance(obj, dict):
+        return (dict, tuple((key, _freeze(item)) for key, item in obj.items()))
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device,
+                                       torch.memory_format, torch.layout)):
+        return (type(obj), obj)  # the type keeps 1, 1.0 and True apart
+    raise TypeError
+
+
+def _dense_storage_bytes(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
+
+
+def _output_spec(out: Any, storages: set[int]) -> Any:
+    """How to rebuild ``out`` with fresh tensors, or None if fresh tensors would not match it.
+
+    ``storages`` holds the storages ``out`` must not share (the inputs'); it collects the
+    outputs' own as it goes, so outputs aliasing each other are refused too.
+    """
+    if isinstance(out, torch.Tensor):
+        key = storage_key(out)
+        if (not out.is_meta or out.storage_offset() != 0 or key in storages
+                or out.untyped_storage().nbytes() != _dense_storage_bytes(out)):
+            return None
+        storages.add(key)
+        return ("tensor", tuple(out.shape), out.stride(), out.dtype)
+    if isinstance(out, (tuple, list)):
+        items = [_output_spec(item, storages) for item in out]
+        return None if any(item is None for item in items) else (type(out), items)
+    if out is None or isinstance(out, (bool, int, float)):
+        return ("value", out)
+    return None
+
+
+def _build(spec: Any) -> Any:
+    if spec[0] == "tensor":
+        _, shape, stride, dtype = spec
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    if spec[0] == "value":
+        return spec[1]
+    return spec[0](_build(item) for item in spec[1])
+
+
+class _MetaOpCache:
+    """Replays meta kernels: same op + same argument metadata -> same output metadata, FLOPs.
+
+    Many meta kernels are Python decompositions (layer norm and its backward take ~10 ms
+    each), and a deep model repeats the same shapes block after block. A meta tensor has no
+    values, so a functional op's outputs are fixed by its arguments' metadata; the cache
+    returns fresh tensors of the recorded shapes and strides. Views, in-place/out= ops and
+    outputs that alias anything are never cached: they run the real kernel so that storage
+    sharing (which saved-activation accounting relies on) stays exact.
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[Any, Any] = {}
+        self._functional: dict[Any, bool] = {}
+
+    def _is_functional(self, func) -> bool:
+        known = self._functional.get(func)
+        if known is None:
+            schema = func._schema
+            known = not func.is_view and func is not torch.ops.aten._unsafe_view.default and all(
+                arg.alias_info is None for arg in (*schema.arguments, *schema.returns))
+            self._functional[func] = known
+        return known
+
+    def run(self, func, args: tuple, kwargs: dict) -> tuple[Any, int]:
+        """``func(*args, **kwargs)`` and its FLOPs (which depend on the same metadata)."""
+        if not self._is_functional(func):
+            out = func(*args, **kwargs)
+            return out, op_flops(func, args, kwargs, out)
+        try:
+            key = (func, _freeze(args), _freeze(kwargs))
+        except TypeError:
+            out = func(*args, **kwargs)
+            return out, op_flops(func, args, kwargs, out)
+        cached = self._results.get(key)
+        if cached is not None:
+            return _build(cached[0]), cached[1]
+        out = func(*args, **kwargs)
+        flops = op_flops(func, args, kwargs, out)
+        input_storages = {storage_key(t) for t in iter_tensors((args, kwargs))}
+        spec = _output_spec(out, input_storages)
+        if spec is not None:
+            self._results[key] = (spec, flops)
+        return out, flops
+
+
 class _Recorder(TorchDispatchMode):
     """Charges aten ops and saved tensors to the current segment (see module docstring)."""
 
@@ -94,6 +197,7 @@ class _Recorder(TorchDispatchMode):
         self.param_keys = param_keys
         # Parameters and buffers live for the whole run anyway: not activations.
         self.state_keys = state_keys
+        self._meta_cache = _MetaOpCache()
 
     def begin_segment(self, index: int) -> None:
         if index != len(self.starts):
@@ -114,15 +218,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.phase == "off":
             return func(*args, **kwargs)
-        # As FlopCounterMode does: an op without a FLOP formula may hide a matmul in its
-        # composite decomposition, so run the decomposition under this mode instead.
-        if func._overloadpacket not in flop_registry and func is not torch.ops.prim.device.default:
-            with self:
-                result = func.decompose(*args, **kwargs)
-            if result is not NotImplemented:
-                return result
-        out = func(*args, **kwargs)
-        flops = op_flops(func, args, kwargs, out)
+        out, flops = self._meta_cache.run(func, args, kwargs)
         if self.phase == "forward":
             self._record_forward(func, args, kwargs, out, flops)
         elif flops:
@@ -297,7 +393,7 @@ def trace(
     respect to the trainable parameters only, as a training step does: inputs get no
     gradient. Parameter ``.grad`` fields are left untouched.
     """
-    params = list(dict.fromkeys(p for p in model.parameters()))
+    params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError(

@@ -178,13 +178,13 @@ class SearchSpace:
 
     def _node_orders(self) -> list[tuple[int, ...]]:
         """Permutations of device types (nodes of a type keep their order), best guesses first."""
-        dtype = self.cost_model.compute_dtype
+        dtype_for = self.cost_model.dtype_for
         types: list[str] = []
         for node in self.cluster.nodes:
             if node.device.name not in types:
                 types.append(node.device.name)
         by_type = {t: [i for i, n in enumerate(self.cluster.nodes) if n.device.name == t] for t in types}
-        speed = {t: self.cluster.nodes[by_type[t][0]].device.peak(dtype) for t in types}
+        speed = {t: (lambda d: d.peak(dtype_for(d)))(self.cluster.nodes[by_type[t][0]].device) for t in types}
         fastest_first = tuple(sorted(types, key=lambda t: -speed[t]))
         perms = [fastest_first, tuple(types)] + list(itertools.permutations(types))
         unique = list(dict.fromkeys(perms))[: max(1, self.options.max_node_orders)]
@@ -229,7 +229,7 @@ class SearchSpace:
                 if not (inside or whole):
                     continue
                 if (a, n) not in classes:
-                    classes[(a, n)] = group_class(cluster, device_ids[a : a + n], self.cost_model.compute_dtype)
+                    classes[(a, n)] = group_class(cluster, device_ids[a : a + n], self.cost_model.dtype_for)
                 group = classes[(a, n)]
                 if tp > group.min_devices_per_node and group.num_nodes > 1 and tp % group.min_devices_per_node:
                     continue  # a tp group would straddle a node boundary unevenly

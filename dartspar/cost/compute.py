@@ -11,10 +11,11 @@ e.g. embeddings) run replicated on the tp ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from ..cluster import DeviceSpec
 from ..profile import LayerProfile, ModelProfile
 from .comm import ring_allreduce_time_s
 from .groups import StageConfig
@@ -58,12 +59,14 @@ def compute_tables(
     configs: Sequence[StageConfig],
     micro_batch_size: int,
     estimator: LatencyEstimator,
-    compute_dtype: str,
+    compute_dtype: str | Callable[[DeviceSpec], str],
 ) -> ComputeTables:
     """Forward/backward compute and tp all-reduce seconds of every layer under every config.
 
-    Identical layers (same figures, different names) are costed once.
+    ``compute_dtype`` is the GEMM dtype or a function of the device giving it. Identical layers
+    (same figures, different names) are costed once.
     """
+    dtype_of = compute_dtype if callable(compute_dtype) else (lambda _device: compute_dtype)
     unique: dict[LayerProfile, int] = {}
     layer_index = [unique.setdefault(_layer_key(layer), len(unique)) for layer in profile.layers]
     uniq_layers = list(unique)
@@ -79,7 +82,8 @@ def compute_tables(
             )
         factor = (micro_batch_size // config.dp) / profile.batch_size
         device = config.group.device
-        peak_s = 1.0 / device.peak(compute_dtype)
+        dtype = dtype_of(device)
+        peak_s = 1.0 / device.peak(dtype)
         rows_f, rows_b, owner_f, owner_b = [], [], [], []
         for u, layer in enumerate(uniq_layers):
             tp = tp_degree(layer, config.tp)
@@ -97,7 +101,7 @@ def compute_tables(
             # FLOPs outside the GEMM list (custom ops) at the rate of a large GEMM.
             rest_f = max(0.0, scaled.fwd_flops / tp - gemm_flops)
             rest_b = max(0.0, scaled.bwd_flops / tp - 2 * gemm_flops)
-            big = estimator.gemm_time_s(4096.0, 4096.0, 4096.0, 1.0, compute_dtype, device)
+            big = estimator.gemm_time_s(4096.0, 4096.0, 4096.0, 1.0, dtype, device)
             rate_s_per_flop = (big / (2.0 * 4096.0**3)).item() if rest_f or rest_b else peak_s
             mem_s = estimator.memory_time_s(scaled.other_bytes_moved / tp, device)
             fwd[u, c] += rest_f * rate_s_per_flop + mem_s
@@ -112,7 +116,7 @@ def compute_tables(
                 continue
             shapes = torch.tensor(rows, dtype=torch.float64)
             times = estimator.gemm_time_s(
-                shapes[:, 0], shapes[:, 1], shapes[:, 2], shapes[:, 3], compute_dtype, device
+                shapes[:, 0], shapes[:, 1], shapes[:, 2], shapes[:, 3], dtype, device
             ) * shapes[:, 4]
             out[:, c] += torch.zeros(num_u, dtype=torch.float64).index_add_(
                 0, torch.tensor(owner), times

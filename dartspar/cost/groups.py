@@ -10,7 +10,7 @@ besides the micro-batch size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..cluster import Cluster, DeviceSpec, Link
 
@@ -67,8 +67,15 @@ class StageConfig:
         return self.group.intra_link if self.tp <= self.group.min_devices_per_node else self.group.inter_link
 
 
-def group_class(cluster: Cluster, device_ids: Sequence[int], compute_dtype: str) -> DeviceGroupClass:
-    """Summarise ``device_ids`` of ``cluster`` (see ``DeviceGroupClass``)."""
+def group_class(
+    cluster: Cluster, device_ids: Sequence[int], compute_dtype: str | Callable[[DeviceSpec], str]
+) -> DeviceGroupClass:
+    """Summarise ``device_ids`` of ``cluster`` (see ``DeviceGroupClass``).
+
+    ``compute_dtype``: the GEMM dtype, or a function giving it per device (mixed clusters train
+    in bf16 where the hardware has it and fp16 where it does not).
+    """
+    dtype_of = compute_dtype if callable(compute_dtype) else (lambda _device: compute_dtype)
     if not device_ids:
         raise ValueError("a device group needs at least one device")
     per_node: dict[int, int] = {}
@@ -76,7 +83,7 @@ def group_class(cluster: Cluster, device_ids: Sequence[int], compute_dtype: str)
         node = cluster.node_of_device[device_id]
         per_node[node] = per_node.get(node, 0) + 1
     nodes = [cluster.nodes[i] for i in per_node]
-    slowest = min((n.device for n in nodes), key=lambda d: d.peak(compute_dtype))
+    slowest = min((n.device for n in nodes), key=lambda d: d.peak(dtype_of(d)))
     intra = min((n.intra_link for n in nodes), key=lambda link: link.bandwidth_bytes_per_s)
     return DeviceGroupClass(
         device=slowest,

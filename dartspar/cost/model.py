@@ -237,8 +237,9 @@ class CostModel:
         profile: the model's per-layer profile.
         cluster: the hardware.
         estimator: a ``LatencyEstimator`` or its registered name (default "roofline").
-        compute_dtype: dtype of the GEMMs ("bf16" when the profile's training dtype is 2 bytes,
-            else "fp32", unless given).
+        compute_dtype: dtype of the GEMMs on every device; default: for a 2-byte training dtype
+            bf16 where the device has bf16 units and fp16 where it does not (V100, T4), else
+            fp32 (see ``dtype_for``).
         smooth_rel: log-sum-exp temperature for the reported smooth step time, as a fraction of
             the mean per-micro-batch stage time.
         stage_overhead_s / step_overhead_s: fixed overheads (see module doc); default: the
@@ -258,7 +259,7 @@ class CostModel:
         self.profile = profile
         self.cluster = cluster
         self.estimator = make_estimator(estimator) if isinstance(estimator, str) else estimator
-        self.compute_dtype = compute_dtype or ("bf16" if profile.dtype_bytes == 2 else "fp32")
+        self.compute_dtype = compute_dtype
         self.smooth_rel = smooth_rel
         calibration = getattr(cluster, "calibration", None) or {}
         self.stage_overhead_s = float(
@@ -277,6 +278,22 @@ class CostModel:
         self._param_bytes = torch.tensor([lay.param_bytes for lay in profile.layers], dtype=torch.float64)
         self._tp_splits = torch.tensor([lay.tp_max_degree > 1 for lay in profile.layers])
 
+    def dtype_for(self, device) -> str:
+        """The GEMM dtype ``device`` trains in (see ``compute_dtype``)."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if self.profile.dtype_bytes == 2:
+            has = device.peak_flops_per_s
+            if "bf16" in has:
+                return "bf16"
+            if "fp16" in has:
+                return "fp16"
+            raise ValueError(
+                f"device {device.name!r} has neither bf16 nor fp16 units for a 2-byte training "
+                "dtype: profile with dtype_bytes=4 or give compute_dtype='fp32'"
+            )
+        return "fp32"
+
     # ------------------------------------------------------------------------------ tables
     def tables(
         self, configs: Sequence[StageConfig], micro_batch_size: int, data_parallel: str = "replicate"
@@ -288,7 +305,7 @@ class CostModel:
         return self._tables[key]
 
     def _build_tables(self, configs, micro_batch_size, data_parallel) -> LayerTables:
-        compute = compute_tables(self.profile, configs, micro_batch_size, self.estimator, self.compute_dtype)
+        compute = compute_tables(self.profile, configs, micro_batch_size, self.estimator, self.dtype_for)
         memory = memory_tables(self.profile, configs, micro_batch_size, data_parallel)
         tp = torch.tensor([c.tp for c in configs], dtype=torch.float64)
         tp_eff = torch.where(self._tp_splits[:, None], tp[None, :], torch.ones_like(tp)[None, :])
@@ -340,7 +357,7 @@ class CostModel:
     # ----------------------------------------------------------------------- discrete plans
     def stage_configs(self, plan: Plan) -> tuple[StageConfig, ...]:
         return tuple(
-            StageConfig(group_class(self.cluster, s.device_ids, self.compute_dtype), s.dp, s.tp)
+            StageConfig(group_class(self.cluster, s.device_ids, self.dtype_for), s.dp, s.tp)
             for s in plan.stages
         )
 
