@@ -32,7 +32,7 @@ import operator
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,9 @@ class Cluster:
     name: str
     nodes: tuple[Node, ...]
     inter_link: Link
+    # Fitted by dartspar.calibrate from measured runs: "stage_overhead_s", "step_overhead_s"
+    # (read by CostModel) plus fit metadata; empty for a cluster described by datasheets alone.
+    calibration: dict = field(default_factory=dict, hash=False)
 
     @cached_property
     def num_devices(self) -> int:
@@ -290,6 +293,7 @@ class Cluster:
                 for n in self.nodes
             ],
             "inter_link": _link_dict(self.inter_link),
+            **({"calibration": dict(self.calibration)} if self.calibration else {}),
         }
 
 
@@ -343,7 +347,10 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789."),
 )
 
-_TOP_KEYS = {"name": True, "nodes": True, "inter_link": True, "devices": False, "description": False}
+_TOP_KEYS = {"name": True, "nodes": True, "inter_link": True, "devices": False, "description": False,
+             "calibration": False}
+# Calibration figures the cost model reads; other calibration keys are fit metadata, kept as is.
+_CALIBRATION_NUMBERS = ("stage_overhead_s", "step_overhead_s", "memory_baseline_bytes")
 _NODE_KEYS = {"device": True, "devices_per_node": True, "intra_link": True, "count": False, "name": False}
 _LINK_KEYS = ("kind", "latency_s", "bandwidth_bytes_per_s")
 _DEVICE_KEYS = ("peak_flops_per_s", "memory_bytes", "memory_bandwidth_bytes_per_s")
@@ -491,7 +498,17 @@ def _build(data: Any, where: str) -> Cluster:
                             "node names must be unique: set a different `name`")
             used[node_name] = field
             nodes.append(Node(node_name, devices[device_name], per_node, intra))
-    return Cluster(name=name, nodes=tuple(nodes), inter_link=inter_link)
+    calibration = data.get("calibration") or {}
+    if not isinstance(calibration, Mapping):
+        raise _fail(where, "calibration", calibration, "must be a mapping of fitted figures")
+    calibration = dict(calibration)
+    for key in _CALIBRATION_NUMBERS:
+        if key in calibration:
+            value = calibration[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise _fail(where, f"calibration.{key}", value, "must be a number >= 0")
+            calibration[key] = float(value)
+    return Cluster(name=name, nodes=tuple(nodes), inter_link=inter_link, calibration=calibration)
 
 
 def _link(value: Any, where: str, field: str, catalogue) -> Link:

@@ -344,3 +344,24 @@ def test_duplicate_node_names_rejected():
             {"name": "box-0", "device": "T4", "devices_per_node": 1, "intra_link": "pcie3"},
             {"name": "box", "count": 2, "device": "T4", "devices_per_node": 1, "intra_link": "pcie3"},
         ]})
+
+
+def test_calibration_section_round_trips_and_feeds_the_cost_model(tmp_path):
+    import yaml
+
+    from dartspar.cost.model import CostModel
+    from synthetic import gpt_like_profile
+
+    data = load_cluster("cpu2").to_dict()
+    data["calibration"] = {"stage_overhead_s": 0.002, "step_overhead_s": 0.01, "fit": {"mape": 0.05}}
+    path = tmp_path / "cal.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cluster = load_cluster(path)
+    assert cluster.calibration["stage_overhead_s"] == 0.002
+    assert cluster.calibration["fit"] == {"mape": 0.05}
+    assert load_cluster(cluster.to_dict()) == cluster
+    model = CostModel(gpt_like_profile(), cluster, compute_dtype="fp32")
+    assert (model.stage_overhead_s, model.step_overhead_s) == (0.002, 0.01)
+    data["calibration"] = {"stage_overhead_s": -1}
+    with pytest.raises(ClusterConfigError, match=r"calibration\.stage_overhead_s"):
+        load_cluster(data)
