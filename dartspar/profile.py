@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
+import types
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -503,3 +505,15 @@ def _layer_profile(name, kind, stats, params, dtype_bytes, tp_plan, module) -> L
 def _is_empty(layer: LayerProfile) -> bool:
     return not (layer.fwd_flops or layer.bwd_flops or layer.num_params or layer.saved_bytes
                 or layer.other_bytes_moved or layer.gemms)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``dartspar.profile(model, inputs)`` call ``profile`` while ``dartspar.profile`` stays
+    the module, so ``from dartspar.profile import ModelProfile`` and the function share a name
+    without one hiding the other."""
+
+    def __call__(self, *args, **kwargs) -> ModelProfile:
+        return profile(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

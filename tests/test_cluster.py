@@ -29,6 +29,7 @@ EXPECTED = {  # name -> (devices, nodes)
     "mixed64": (64, 8),
     "mixed1024": (1024, 128),
     "cpu4": (4, 1),
+    "cpu4-calibrated": (4, 1),
     "cpu2": (2, 1),
 }
 

@@ -71,6 +71,8 @@ def compute_tables(
     layer_index = [unique.setdefault(_layer_key(layer), len(unique)) for layer in profile.layers]
     uniq_layers = list(unique)
     num_u, num_c = len(uniq_layers), len(configs)
+    gemm_calls = [sum(g.count for g in layer.gemms) for layer in uniq_layers]
+    calibrated = getattr(estimator, "layer_time_s", None)
     fwd = torch.zeros(num_u, num_c, dtype=torch.float64)
     bwd = torch.zeros(num_u, num_c, dtype=torch.float64)
     tp_comm = torch.zeros(num_u, num_c, dtype=torch.float64)
@@ -121,5 +123,13 @@ def compute_tables(
             out[:, c] += torch.zeros(num_u, dtype=torch.float64).index_add_(
                 0, torch.tensor(owner), times
             )
+        if calibrated is not None:
+            # A fitted estimator knows how kernels slow down inside a real layer and what the
+            # framework costs per GEMM call (dominant on CPU); apply it to whole layers.
+            for u in range(num_u):
+                kernels_f, kernels_b = fwd[u, c].clone(), bwd[u, c].clone()
+                layer_f = calibrated(kernels_f, gemm_calls[u], device, backward=False)
+                layer_fb = calibrated(kernels_f + kernels_b, gemm_calls[u], device, backward=True)
+                fwd[u, c], bwd[u, c] = layer_f, layer_fb - layer_f
     index = torch.tensor(layer_index)
     return ComputeTables(fwd[index], bwd[index], tp_comm[index])

@@ -14,7 +14,10 @@ import torch
 
 from ..cluster import DeviceSpec
 
-__all__ = ["LatencyEstimator", "RooflineEstimator", "make_estimator", "register_estimator"]
+__all__ = [
+    "LatencyEstimator", "RooflineEstimator", "make_estimator", "register_estimator",
+    "available_estimators",
+]
 
 
 class LatencyEstimator(Protocol):
@@ -72,8 +75,22 @@ def register_estimator(name: str, factory: Callable[..., LatencyEstimator]) -> N
     _REGISTRY[name] = factory
 
 
+def _register_builtin() -> None:
+    # The fitted estimator registers itself on import; importing it lazily keeps its tables off
+    # the import path of users who only need the roofline.
+    from . import fitted  # noqa: F401
+
+
+def available_estimators() -> list[str]:
+    """Names ``make_estimator`` accepts (config field ``cost.estimator``)."""
+    _register_builtin()
+    return sorted(_REGISTRY)
+
+
 def make_estimator(name: str = "roofline", **options) -> LatencyEstimator:
     """Build a latency estimator by its config name."""
+    if name not in _REGISTRY:
+        _register_builtin()
     if name not in _REGISTRY:
         raise ValueError(
             f"cost.estimator={name!r} is unknown; available: {sorted(_REGISTRY)}"

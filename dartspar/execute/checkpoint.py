@@ -19,11 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 __all__ = ["save_checkpoint", "latest_checkpoint_step", "load_checkpoint"]
 
 _LATEST = "latest.json"
+# Flattened optimizer state keys hyperparameters by parameter name ("param_groups.<fqn>.lr"), so
+# the pipeline stages' different parameter groups do not collide under one key (as torchtitan).
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -33,7 +36,7 @@ def _step_dir(root: Path, step: int) -> Path:
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer, keep: int) -> None:
     """Collective: every rank calls it. ``step`` = optimizer steps completed."""
     root = Path(root)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd, "train": {"step": torch.tensor(step)}}
     dcp.save(state, checkpoint_id=str(_step_dir(root, step)))
     if dist.get_rank() == 0:
@@ -55,7 +58,7 @@ def latest_checkpoint_step(root: str | Path) -> int | None:
 
 def load_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer) -> None:
     """Collective: load the checkpoint of ``step`` into ``model`` and ``optimizer`` in place."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd, "train": {"step": torch.tensor(-1)}}
     dcp.load(state, checkpoint_id=str(_step_dir(Path(root), step)))
     saved = int(state["train"]["step"])
@@ -64,4 +67,7 @@ def load_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer) ->
             f"checkpoint {_step_dir(Path(root), step)} holds step {saved}, expected {step}: "
             f"{root}/{_LATEST} and the checkpoint disagree"
         )
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=_OPTIONS,
+    )

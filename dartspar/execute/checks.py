@@ -26,6 +26,7 @@ __all__ = [
     "model_spec",
     "check_plan",
     "model_state_bytes_per_rank",
+    "check_fits",
 ]
 
 EXECUTOR_SCHEDULES = ("gpipe", "1f1b", "interleaved")
@@ -268,3 +269,17 @@ def model_state_bytes_per_rank(plan: Plan, model: nn.Module, layout: RankLayout)
             per_param = _BYTES_PER_PARAM_REPLICATED
         out[s % layout.pp] += int(numel * per_param)
     return out
+
+
+def check_fits(plan: Plan, model: nn.Module, layout: RankLayout, budget_bytes: int, source: str) -> None:
+    """Refuse a plan whose model state alone exceeds ``budget_bytes`` per rank (``source`` says
+    where the budget comes from, for the message)."""
+    for g, need in enumerate(model_state_bytes_per_rank(plan, model, layout)):
+        if need > budget_bytes:
+            stages = list(range(g, layout.num_stages, layout.pp))
+            raise ExecutorError(
+                f"plan does not fit: stage(s) {stages} need at least {need / 2**20:.1f} MiB per "
+                f"rank for parameters, gradients and AdamW state alone, above the "
+                f"{budget_bytes / 2**20:.1f} MiB budget ({source}); use data_parallel='fsdp', "
+                "more pipeline stages or tensor parallelism, or a larger memory limit"
+            )

@@ -1,9 +1,9 @@
-"""Measurement on one rank: phase timers, a Chrome-trace (Perfetto) timeline, memory accounting
-and model FLOPs.
+"""Measurement on one rank: phase timers, a Chrome-trace (Perfetto) timeline, memory accounting.
 
-Timing uses ``time.perf_counter`` around the pipeline stage's forward / backward calls; on GPU
-the caller synchronizes the device at step boundaries only, so per-phase GPU times are launch
-times unless ``synchronize_phases`` is set (the step time is always exact).
+On CPU, phases are timed with ``time.perf_counter`` around the pipeline stage's forward /
+backward calls. On GPU the host runs ahead of the device, so phases are timed with CUDA events
+recorded around the same calls (no synchronization inside the step); the caller synchronizes at
+step boundaries (``sync_now``) and then resolves the events (``flush``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ __all__ = [
     "merge_chrome_traces",
     "peak_rss_bytes",
     "tensor_state_bytes",
-    "model_train_flops",
     "peak_flops_per_s_for",
 ]
 
@@ -35,25 +34,33 @@ class PhaseClock:
     """Accumulates seconds per phase for the current step and records trace events while
     ``tracing`` is on. One instance per rank; not thread-safe (the schedule is single-threaded).
 
-    ``sync`` (optional) is called before reading the clock, e.g. ``torch.cuda.synchronize``.
+    ``device``: on a CUDA device phases are measured with CUDA events (see the module doc).
     """
 
-    def __init__(self, rank: int, sync: Callable[[], None] | None = None) -> None:
+    def __init__(self, rank: int, device: torch.device | None = None) -> None:
         self.rank = rank
-        self.sync = sync
+        self.cuda = device is not None and device.type == "cuda"
         self.tracing = False
         self.events: list[dict] = []
         self.totals: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._pending: list[tuple] = []
         # Wall-clock offset so timestamps of processes on different nodes line up (up to NTP).
         self._wall_offset_ns = time.time_ns() - time.perf_counter_ns()
 
     def reset(self) -> None:
         self.totals = dict.fromkeys(PHASES, 0.0)
 
-    def now(self) -> float:
-        if self.sync is not None:
-            self.sync()
+    def sync_now(self) -> float:
+        """Host time after the device has finished all queued work (step boundaries)."""
+        if self.cuda:
+            torch.cuda.synchronize()
         return time.perf_counter()
+
+    def flush(self) -> None:
+        """Resolve CUDA-event phases of the step (after ``sync_now``)."""
+        for phase, start_s, begin, end, name, tid, args in self._pending:
+            self.add(phase, start_s, start_s + begin.elapsed_time(end) / 1e3, name, tid, args)
+        self._pending.clear()
 
     def add(self, phase: str, start_s: float, end_s: float, name: str, tid: int, args: dict) -> None:
         self.totals[phase] += end_s - start_s
@@ -64,23 +71,40 @@ class PhaseClock:
                 "dur": (end_s - start_s) * 1e6, "args": args,
             })
 
+    def _begin(self):
+        start = time.perf_counter()
+        if not self.cuda:
+            return start, None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return start, event
+
+    def _end(self, phase: str, begun, name: str, tid: int, args: dict) -> None:
+        start, event = begun
+        if event is None:
+            self.add(phase, start, time.perf_counter(), name, tid, args)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((phase, start, event, end, name, tid, args))
+
     @contextmanager
     def span(self, phase: str, name: str, tid: int = 0, **args):
-        start = self.now()
+        begun = self._begin()
         try:
             yield
         finally:
-            self.add(phase, start, self.now(), name, tid, args)
+            self._end(phase, begun, name, tid, args)
 
     def wrap(self, fn: Callable, phase: str, tid: int, label: Callable[[tuple], str]) -> Callable:
         """``fn`` timed into ``phase``; ``label(args)`` names the trace event."""
 
         def timed(*args, **kwargs):
-            start = self.now()
+            begun = self._begin()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.add(phase, start, self.now(), label(args), tid, {})
+                self._end(phase, begun, label(args), tid, {})
 
         return timed
 
@@ -140,20 +164,6 @@ def tensor_state_bytes(modules: list[nn.Module], optimizer: torch.optim.Optimize
     )
     return {"params": param_bytes, "grads": grad_bytes, "optimizer": opt_bytes,
             "total": param_bytes + grad_bytes + opt_bytes}
-
-
-def model_train_flops(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, loss_fn) -> float:
-    """Forward + backward FLOPs of the whole model for one batch, counted on the meta device
-    (``model``, ``inputs`` and ``target`` on meta; no recomputation, the MFU convention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss = loss_fn(model(inputs), target)
-        loss.backward()
-    for p in model.parameters():
-        p.grad = None
-    return float(counter.get_total_flops())
 
 
 # Dense bf16 peaks from FACTS.md (device catalogue); matched on torch.cuda.get_device_name().

@@ -15,6 +15,8 @@ Definitions (all times in seconds, medians over the steps after warm-up):
   actually held: the model-state accounting), and on GPU ``cuda_max_allocated_bytes`` /
   ``cuda_max_reserved_bytes`` (allocator statistics). ``peak_memory_bytes`` is the CUDA peak
   allocation on GPU and the peak RSS on CPU.
+- ``step_times_s``: every step's time (slowest rank); ``loop_time_per_step_s``: wall time of the
+  steps after warm-up divided by their number (includes logging and checkpoint saves).
 - ``tokens_per_s``: tokens (GPT) or samples (dense models) per global step / ``step_time_s``.
 - ``mfu``: model FLOPs (forward + backward, no recomputation) per second over the devices'
   summed dense bf16 peak; None on CPU.
@@ -94,6 +96,7 @@ class RunReport:
     warmup_steps: int
     step_time_s: float
     step_times_s: list
+    loop_time_per_step_s: float
     tokens_per_s: float
     model_flops_per_step: float
     achieved_flops_per_s: float

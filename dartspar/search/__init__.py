@@ -1,0 +1,12 @@
+"""Planners over the shared search space: ``search(profile, cluster, method=...)``.
+
+Methods (``METHODS``): "darts" (gradient descent over the relaxed strategy matrix), and the
+baselines on the same cost model: "dp" (exact inter-op dynamic program, PipeDream/Alpa),
+"mcmc" (FlexFlow-style Metropolis-Hastings), "random", "bruteforce" (small spaces) and
+"device_blind" (the DP on the cluster's average device, scored on the real cluster).
+"""
+
+from .api import METHODS, method_options, search
+from .result import SearchResult
+
+__all__ = ["search", "SearchResult", "METHODS", "method_options"]

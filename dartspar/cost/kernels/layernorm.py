@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._reduce import row_sum
 from ._runtime import check_kernel_inputs
 
 __all__ = ["layer_norm", "layer_norm_bytes"]
@@ -28,9 +29,9 @@ def _layer_norm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / cols
+    mean = row_sum(x) / cols
     centred = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / cols
+    var = row_sum(centred * centred) / cols
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)

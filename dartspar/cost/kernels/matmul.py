@@ -38,7 +38,15 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+def _tuning_bench(fn, quantiles):
+    # Short timings while choosing a tile: ten configurations per new shape at do_bench's default
+    # 25 + 100 ms would dominate a profiling run; the profiler times the winner on its own.
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], do_bench=_tuning_bench)
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
@@ -50,8 +58,9 @@ def _matmul_kernel(
 ):
     pid = tl.program_id(0)
     batch = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
+    # Only builtins (no tl.cdiv / tl.zeros): see _reduce.py on library functions in the interpreter.
+    grid_m = (M + BLOCK_M - 1) // BLOCK_M
+    grid_n = (N + BLOCK_N - 1) // BLOCK_N
     # Grouped ordering: GROUP_M row-tiles share the same column tiles of B while they are in L2.
     width = GROUP_M * grid_n
     group = pid // width
@@ -66,7 +75,7 @@ def _matmul_kernel(
     a_ptrs = a_ptr + batch * stride_ab + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + batch * stride_bb + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # tl.zeros is a library function too
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] + k0 < K), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] + k0 < K) & (offs_n[None, :] < N), other=0.0)

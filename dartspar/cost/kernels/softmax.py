@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._reduce import row_max, row_sum
 from ._runtime import check_kernel_inputs
 
 __all__ = ["softmax", "softmax_bytes"]
@@ -24,9 +25,9 @@ def _softmax_kernel(x_ptr, y_ptr, stride_x, stride_y, cols, BLOCK: tl.constexpr)
     mask = offs < cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=-float("inf")).to(tl.float32)
     # Subtracting the row max keeps exp() finite for any input scale.
-    z = x - tl.max(x, axis=0)
+    z = x - row_max(x)
     e = tl.exp(z)
-    y = e / tl.sum(e, axis=0)
+    y = e / row_sum(e)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

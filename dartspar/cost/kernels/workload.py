@@ -6,9 +6,9 @@ Two jobs that the profiler and the accuracy report share:
   analytically from a ``GPTConfig``, a micro-batch size and a tensor-parallel degree (Megatron
   split: q/k/v and fc column-parallel, the two output projections row-parallel, heads divided).
   The profiler's shape grid is the union of these shapes, forward and backward.
-- ``layer_time_s`` turns (GEMMs, memory bytes) into seconds with any ``LatencyEstimator``,
-  modelling the backward pass explicitly from the shapes: the backward of (m x k) @ (k x n) is
-  dX = (m x n) @ (n x k) and dW = (k x m) @ (m x n).
+- ``kernel_time_s`` / ``layer_time_s`` turn (GEMMs, memory bytes) into seconds with any
+  ``LatencyEstimator``, modelling the backward pass explicitly from the shapes: the backward of
+  (m x k) @ (k x n) is dX = (m x n) @ (n x k) and dW = (k x m) @ (m x n).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ...profile import GemmShape
 
 __all__ = [
     "GPT_PRESETS", "LayerWork", "gpt_block_work", "gpt_head_work", "backward_gemms",
-    "training_gemm_shapes", "layer_time_s", "BACKWARD_MEMORY_FACTOR",
+    "training_gemm_shapes", "kernel_time_s", "layer_time_s", "BACKWARD_MEMORY_FACTOR",
 ]
 
 # Named model sizes the profiler derives its shape grid from. The GPT-2 / GPT-3 sizes are the
@@ -42,7 +42,7 @@ GPT_PRESETS: dict[str, GPTConfig] = {
     "gpt-6.7b": GPTConfig(num_layers=32, hidden=4096, num_heads=32, seq_len=2048, vocab_size=50257),
 }
 
-# Backward of the memory-bound ops (norms, GELU, softmax, residual adds) reads the saved input
+# Backward of the memory-bound ops (norms, GELU, residual adds) reads the saved input
 # and the incoming gradient and writes the outgoing gradient: about twice the forward traffic.
 BACKWARD_MEMORY_FACTOR = 2.0
 
@@ -79,9 +79,10 @@ def gpt_block_work(cfg: GPTConfig, micro_batch: int, tp: int = 1, dtype_bytes: i
     """Forward work of one ``dartspar.models.gpt.Block`` on one of ``tp`` ranks.
 
     Tokens T = micro_batch * seq_len, hidden h, heads H, head width d = h / H. The attention
-    products are batched over the rank's micro_batch * H / tp heads; the memory-bound ops are
-    those of an unfused block: two layer norms, GELU on the 4h / tp activation, two residual
-    adds, and the softmax over the rank's attention scores.
+    products are batched over the rank's micro_batch * H / tp heads. The memory-bound ops are
+    counted as ``dartspar.profile.profile`` counts them with fused (flash) attention, which is
+    what training runs: two layer norms, GELU on the 4h / tp activation, two residual adds; the
+    softmax runs inside the attention kernel, whose time the two attention GEMMs stand for.
     """
     _check_split(cfg, micro_batch, tp)
     h, s = cfg.hidden, cfg.seq_len
@@ -101,7 +102,6 @@ def gpt_block_work(cfg: GPTConfig, micro_batch: int, tp: int = 1, dtype_bytes: i
     memory_ops = (
         ("layernorm", 2 * act),
         ("layernorm", 2 * act),
-        ("softmax", 2 * heads * s * s * dtype_bytes),
         ("gelu", 2 * tokens * ffn * dtype_bytes),
         ("add", 3 * act),
         ("add", 3 * act),
@@ -142,21 +142,18 @@ def training_gemm_shapes(
     return sorted(shapes)
 
 
-def layer_time_s(
+def kernel_time_s(
     estimator, gemms: tuple[GemmShape, ...], other_bytes_moved: float | torch.Tensor,
-    dtype: str, device: DeviceSpec, backward: bool = True, memory_calls: int = 1,
+    dtype: str, device: DeviceSpec, backward: bool = True,
 ) -> torch.Tensor:
-    """Predicted seconds of a layer's forward (and backward) pass, float64 scalar tensor.
+    """Predicted seconds of a layer's kernels, forward (and backward), float64 scalar tensor.
 
     Sums ``estimator.gemm_time_s`` over the forward GEMMs (times ``count``) and, with
-    ``backward``, over their dX and dW products; the memory-bound part is
-    ``memory_calls * memory_time_s(other_bytes_moved / memory_calls)`` forward and
-    ``BACKWARD_MEMORY_FACTOR`` times the bytes backward. ``memory_calls`` is the number of
-    memory-bound kernels the bytes are spread over (6 for a GPT block, see ``gpt_block_work``):
-    each pays the estimator's fixed per-kernel time.
+    ``backward``, over their dX and dW products; the memory-bound part is one
+    ``memory_time_s(other_bytes_moved)`` forward (the fitted estimator's memory term describes a
+    layer's whole memory-bound sequence) and one of ``BACKWARD_MEMORY_FACTOR`` times the bytes
+    backward.
     """
-    if memory_calls < 1:
-        raise ValueError(f"memory_calls={memory_calls} must be >= 1 (the number of memory-bound kernels)")
     shapes = list(gemms)
     if backward:
         shapes += [x for g in gemms for x in backward_gemms(g)]
@@ -172,5 +169,20 @@ def layer_time_s(
     passes = [1.0, BACKWARD_MEMORY_FACTOR] if backward else [1.0]
     for factor in passes:
         if float(fwd_bytes) > 0:
-            total = total + memory_calls * estimator.memory_time_s(factor * fwd_bytes / memory_calls, device)
+            total = total + estimator.memory_time_s(factor * fwd_bytes, device)
     return total
+
+
+def layer_time_s(
+    estimator, gemms: tuple[GemmShape, ...], other_bytes_moved: float | torch.Tensor,
+    dtype: str, device: DeviceSpec, backward: bool = True,
+) -> torch.Tensor:
+    """Predicted seconds of a layer's forward (and backward) pass, float64 scalar tensor:
+    ``kernel_time_s``, turned into a layer's time by the estimator's calibration when it has one
+    (``FittedEstimator.layer_time_s``: kernels' in-context factor and host time per GEMM call;
+    other estimators: the kernel time as is)."""
+    kernels = kernel_time_s(estimator, gemms, other_bytes_moved, dtype, device, backward)
+    combine = getattr(estimator, "layer_time_s", None)
+    if combine is None:
+        return kernels
+    return combine(kernels, sum(g.count for g in gemms), device, backward)

@@ -1,0 +1,190 @@
+"""Executor overhead: dartspar-run against a minimal hand-written torch.distributed.pipelining
+script on the same split (target: at most 5% slower).
+
+Both train the same small GPT cut into two pipeline stages (1F1B, gloo on CPU by default) from the
+same initialization and the same batches, and time every step the same way (zero grads ->
+schedule step -> optimizer step, the slowest rank per step, median after warm-up). Runs alternate
+(executor, hand-written, executor, ...) so that drift in machine load hits both alike.
+
+    python experiments/bench_executor_overhead.py [--rounds 3] [--steps 40] [--warmup 8]
+
+Prints a table and writes experiments/results/executor_overhead.json. The hand-written side is this
+file itself run under torchrun with ``--worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GPT = {"num_layers": 8, "hidden": 128, "num_heads": 4, "seq_len": 64, "vocab_size": 256}
+CUT = 5  # layers [0, 5) on rank 0 (embedding + 4 blocks), [5, 10) on rank 1
+MICROBATCHES = 8
+MICRO_BATCH = 8
+LR = 1e-3
+
+
+def plan_dict() -> dict:
+    n = GPT["num_layers"] + 2
+    return {
+        "stages": [
+            {"layer_start": 0, "layer_end": CUT, "device_ids": [0], "dp": 1, "tp": 1,
+             "recompute": [False] * CUT},
+            {"layer_start": CUT, "layer_end": n, "device_ids": [1], "dp": 1, "tp": 1,
+             "recompute": [False] * (n - CUT)},
+        ],
+        "schedule": "1f1b", "num_microbatches": MICROBATCHES, "micro_batch_size": MICRO_BATCH,
+        "meta": {"model": {"name": "gpt", "config": GPT}},
+    }
+
+
+# ----------------------------------------------------------------- the hand-written side
+def handwritten_worker(steps: int, out_path: str) -> None:
+    """A minimal pipelining training loop: what one would write by hand for this split."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    from dartspar.data import BatchStream, make_dataset_for_model
+    from dartspar.execute import init_layer
+    from dartspar.models import GPT as GPTModel
+    from dartspar.models import build_model
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    with torch.device("meta"):
+        model = build_model("gpt", **GPT)
+    n = len(model.layers)
+    owned = range(0, CUT) if rank == 0 else range(CUT, n)
+    layers = []
+    for i in owned:
+        layer = model.layers[i]
+        layer.to_empty(device="cpu")
+        init_layer(layer, i, seed=0)
+        layers.append(layer)
+    stage_module = nn.Sequential(*layers)
+    s, h, v = GPT["seq_len"], GPT["hidden"], GPT["vocab_size"]
+    if rank == 0:
+        example_in = torch.zeros(MICRO_BATCH, s, dtype=torch.long)
+        example_out = torch.zeros(MICRO_BATCH, s, h, requires_grad=True)
+    else:
+        example_in = torch.zeros(MICRO_BATCH, s, h, requires_grad=True)
+        example_out = torch.zeros(MICRO_BATCH, s, v, requires_grad=True)
+    stage = PipelineStage(stage_module, rank, 2, torch.device("cpu"),
+                          input_args=(example_in,), output_args=(example_out,))
+    schedule = Schedule1F1B(stage, MICROBATCHES, loss_fn=GPTModel.loss_fn)
+    optimizer = torch.optim.AdamW(stage_module.parameters(), lr=LR)
+    data = make_dataset_for_model("gpt", GPT, 4096, 256, 0)
+    stream = BatchStream((data.train_inputs, data.train_targets), MICROBATCHES * MICRO_BATCH, 0)
+    times = []
+    for step in range(steps):
+        x, y = stream.batch(step)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(x)
+        else:
+            losses: list = []
+            schedule.step(target=y, losses=losses)
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    gathered = [None, None] if rank == 0 else None
+    dist.gather_object(times, gathered, dst=0)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps({"step_times_s": [max(a, b) for a, b in zip(*gathered)]}))
+    dist.destroy_process_group()
+
+
+def run_handwritten(steps: int, workdir: Path) -> list[float]:
+    out = workdir / "handwritten.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           __file__, "--worker", "--steps", str(steps), "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(cmd, check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["step_times_s"]
+
+
+def run_executor(steps: int, warmup: int, workdir: Path) -> list[float]:
+    from dartspar.execute import RunOptions, launch
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan_path = workdir / "plan.json"
+    plan_path.write_text(json.dumps(plan_dict()))
+    report = launch(plan_path, RunOptions(steps=steps, warmup_steps=warmup, lr=LR,
+                                          out_dir=str(workdir / "executor"), timeout_s=600))
+    return report.step_times_s
+
+
+def median_after(values: list[float], warmup: int) -> float:
+    return statistics.median(values[warmup:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        handwritten_worker(args.steps, args.out)
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            load_before = os.getloadavg()[0]
+            exec_times = run_executor(args.steps, args.warmup, Path(tmp) / f"e{r}")
+            hand_times = run_handwritten(args.steps, Path(tmp))
+            rows.append({
+                "round": r,
+                "executor_step_s": median_after(exec_times, args.warmup),
+                "handwritten_step_s": median_after(hand_times, args.warmup),
+                "load_average_1min": load_before,
+            })
+            print(f"round {r}: executor {rows[-1]['executor_step_s'] * 1e3:.1f} ms, "
+                  f"hand-written {rows[-1]['handwritten_step_s'] * 1e3:.1f} ms", flush=True)
+    exec_med = statistics.median(row["executor_step_s"] for row in rows)
+    hand_med = statistics.median(row["handwritten_step_s"] for row in rows)
+    overhead = exec_med / hand_med - 1.0
+    per_round = [row["executor_step_s"] / row["handwritten_step_s"] - 1.0 for row in rows]
+    result = {
+        "config": {"model": GPT, "cut": CUT, "num_microbatches": MICROBATCHES,
+                   "micro_batch_size": MICRO_BATCH, "schedule": "1f1b", "backend": "gloo",
+                   "device": "cpu", "steps": args.steps, "warmup": args.warmup,
+                   "rounds": args.rounds},
+        "rounds": rows,
+        "executor_step_s": exec_med,
+        "handwritten_step_s": hand_med,
+        "overhead": overhead,
+        "overhead_per_round": per_round,
+        "target_overhead": 0.05,
+        "meets_target": overhead <= 0.05,
+        "cpu_count": os.cpu_count(),
+    }
+    out = REPO / "experiments" / "results" / "executor_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print()
+    print(f"{'':24s}{'step (median)':>16s}")
+    print(f"{'executor (dartspar-run)':24s}{exec_med * 1e3:>13.1f} ms")
+    print(f"{'hand-written pipelining':24s}{hand_med * 1e3:>13.1f} ms")
+    print(f"{'overhead':24s}{overhead * 100:>14.1f} %   (target <= 5 %; per round: "
+          + ", ".join(f"{x * 100:+.1f}%" for x in per_round) + ")")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Regenerates the paper's figures, tables and document from the benchmarks' JSON (``make_paper``)."""
