@@ -168,10 +168,13 @@ def _single_device_and_link(cluster: Cluster):
 
 
 def initial_params(cluster: Cluster, dtypes: Sequence[str]) -> CalibrationParams:
-    """Scales 1, the cluster's link figures, and its calibrated overheads (else small ones)."""
+    """Scales 1, the cluster's link figures, and its calibrated overheads (when positive: the
+    log-space search cannot start at 0; else small ones)."""
     _, link = _single_device_and_link(cluster)
     calibration = getattr(cluster, "calibration", None) or {}
-    overheads = {k: float(calibration.get(k) or v) for k, v in _START_OVERHEAD_S.items()}
+    overheads = {
+        k: float(calibration[k]) if calibration.get(k, 0) > 0 else v for k, v in _START_OVERHEAD_S.items()
+    }
     return CalibrationParams(
         peak_scale={d: 1.0 for d in dtypes},
         memory_bandwidth_scale=1.0,
@@ -715,8 +718,10 @@ def fit_calibration(
             least squares; the best is continued.
         explore_evals: evaluations per starting point.
         max_evals: evaluation budget of the rest of the search (continued least squares, then
-            compass search; the search always gets at least 10 per parameter).
-        prior_weight: weight of the mean |log(value / start)| added to the MAPE (see the code).
+            compass search; the compass search always gets at least 30 per parameter).
+        prior_weight: weight of the pull towards the start: mean |log(value / start)| added to
+            the MAPE (its square, squared, to the least squares). A parameter moves only as far as
+            each e-fold buys more than prior_weight / (number of free parameters) of MAPE.
         min_step: the compass search stops below this step in log space (1e-3: 0.1%).
 
     Raises:
@@ -762,15 +767,17 @@ def fit_calibration(
         return predictor(params_at(x))
 
     def prior_l1(x: np.ndarray) -> float:
-        # A pull towards the start keeps parameters the measurements barely constrain at their
-        # prior instead of letting them drift along flat directions; under L1 it does not bias
-        # a parameter whose MAPE slope exceeds prior_weight / len(free_names).
+        # A pull towards the start keeps parameters the measurements barely constrain (e.g. the
+        # peak when every kernel of the plans is memory-bound, or peak and bandwidth when all
+        # plans share one model shape) at their prior instead of letting them drift along flat
+        # directions; under L1 it does not bias a parameter whose MAPE slope exceeds
+        # prior_weight / len(free_names) per e-fold.
         return prior_weight * float(np.mean(np.abs(x - x0)))
 
     def log_residuals(x: np.ndarray) -> np.ndarray:
         # log(predicted / measured): MAPE's smooth twin (equal to first order near a good fit),
-        # plus the prior as residuals of its own, squared like them: prior_weight ** 2 pins flat
-        # directions without pulling on ones the data determine.
+        # plus the prior as residuals of its own, squared like them: prior_weight ** 2 keeps
+        # flat directions from running off without pulling on those the data determine.
         prior = prior_weight / math.sqrt(len(x)) * (x - x0)
         return np.concatenate([np.log(predicted(x) / measured), prior])
 
@@ -817,8 +824,8 @@ def fit_calibration(
     x, _, spent = levenberg_marquardt(log_residuals, x, lo, hi, max_evals=max(max_evals - used, 1))
     used += spent
     fx = objective(x)
-    x, fx, _ = compass_search(objective, x, step=math.log(1.05), min_step=min_step,
-                              max_evals=max(max_evals - used, 10 * len(free_names)), f0=fx)
+    x, fx, _ = compass_search(objective, x, step=math.log(2.0), min_step=min_step,
+                              max_evals=max(max_evals - used, 30 * len(free_names)), f0=fx)
 
     def step_mape(x: np.ndarray) -> float:
         return mape(predicted(x), measured)

@@ -7,7 +7,8 @@ GEMMs) scales linearly, and ``LayerProfile.scaled(batch)`` does that.
 
 Byte conventions (mixed-precision Adam, as in Megatron/ZeRO): parameters and gradients in the
 training dtype (2 bytes for bf16), optimizer state = fp32 master copy + two fp32 moments
-(12 bytes per parameter). Activation bytes are in the training dtype.
+(12 bytes per parameter; 8 when training in fp32, where the parameters are the master copy).
+Activation bytes are in the training dtype.
 
 ``profile(model, example_inputs)`` measures these figures by running one forward and backward
 pass on the meta device (no memory, no arithmetic); see its docstring.
@@ -34,7 +35,8 @@ from .profile_trace import ATTENTION_BACKENDS, TP_STYLES, trace
 __all__ = ["GemmShape", "LayerProfile", "ModelProfile", "profile", "OPTIMIZER_BYTES_PER_PARAM"]
 
 # Adam in mixed precision: fp32 master weights + two fp32 moments.
-OPTIMIZER_BYTES_PER_PARAM = 12
+OPTIMIZER_BYTES_PER_PARAM = 12  # mixed precision: fp32 master copy + two fp32 Adam moments
+FP32_OPTIMIZER_BYTES_PER_PARAM = 8  # fp32 training: the parameters are the master copy
 
 
 @dataclass(frozen=True)
@@ -491,7 +493,8 @@ def _layer_profile(name, kind, stats, params, dtype_bytes, tp_plan, module) -> L
         num_params=sum(p.numel() for p in params),
         param_bytes=sum(tensor_bytes(p, dtype_bytes) for p in params),
         grad_bytes=sum(tensor_bytes(p, dtype_bytes) for p in trainable),
-        optimizer_bytes=OPTIMIZER_BYTES_PER_PARAM * trainable_count,
+        optimizer_bytes=(OPTIMIZER_BYTES_PER_PARAM if dtype_bytes < 4 else FP32_OPTIMIZER_BYTES_PER_PARAM)
+        * trainable_count,
         saved_bytes=sum(stats.saved.values()),
         input_bytes=stats.input_bytes,
         output_bytes=stats.output_bytes,

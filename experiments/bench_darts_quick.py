@@ -8,6 +8,7 @@ Target (issue 3): under 60 s on 2 CPU cores, wall time growing about linearly in
 Options:
     --scaling        also run 24- and 48-layer versions (wall time vs layers)
     --baselines      also run device_blind and the DP (with --dp-time-limit) on case (a)
+    --bilevel        also run case (a) with precision choices (bilevel, first and second order)
     --seeds 0 1 ...  seeds of darts (default 0)
     --steps N        darts steps (default: darts_search's)
 
@@ -50,9 +51,13 @@ def cluster_64():
         return mixed_cluster(fast_nodes=4, slow_nodes=4, per_node=8), "synthetic-mixed-4+4x8"
 
 
-def make_space(num_blocks: int, cluster) -> SearchSpace:
+NUMERICS = dict(activation_precisions=("fp32", "bf16", "fp8"), gradient_precisions=("fp32", "bf16", "int8"))
+
+
+def make_space(num_blocks: int, cluster, numerics: bool = False) -> SearchSpace:
     profile = gpt_like_profile(num_blocks=num_blocks)
-    return SearchSpace(profile, cluster, SpaceOptions(global_batch_size=GLOBAL_BATCH), CostModel(profile, cluster))
+    options = SpaceOptions(global_batch_size=GLOBAL_BATCH, **(NUMERICS if numerics else {}))
+    return SearchSpace(profile, cluster, options, CostModel(profile, cluster))
 
 
 def timed(fn):
@@ -61,16 +66,20 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_darts(num_blocks: int, cluster, seed: int, steps: int | None) -> dict:
+def run_darts(num_blocks: int, cluster, seed: int, steps: int | None, order: str | None = None) -> dict:
+    """One darts run; ``order`` set = bilevel (precision choices in the space, DARTS order)."""
     # Setup (tables) is part of the search time: a user pays it.
     def go():
-        space = make_space(num_blocks, cluster)
+        space = make_space(num_blocks, cluster, numerics=order is not None)
         kwargs = {"steps": steps} if steps else {}
+        if order is not None:
+            kwargs["order"] = order
         return space, darts_search(space, seed=seed, progress=False, **kwargs)
 
     (space, result), wall_s, cpu_s = timed(go)
     info = result.info
     return {
+        "mode": info["numerics"]["mode"] + (f" ({order} order)" if order else ""),
         "layers": space.num_layers, "devices": space.num_devices, "seed": seed,
         "wall_s": wall_s, "cpu_s": cpu_s, "step_time_s": result.cost.step_time_s,
         "relaxed_cost_s": info["relaxed_cost_s"], "decoded_cost_s": info["decoded_cost_s"],
@@ -78,6 +87,8 @@ def run_darts(num_blocks: int, cluster, seed: int, steps: int | None) -> dict:
         "refined_cost_s": info["refined_cost_s"], "phase_s": info["phase_s"],
         "stages": result.plan.num_stages, "microbatches": result.plan.num_microbatches,
         "schedule": result.plan.schedule, "evaluations": result.evaluations,
+        "activation_precision": result.plan.activation_precision,
+        "gradient_precision": result.plan.gradient_precision,
         "mean_active_branches": info["mean_active_branches"],
         "plan_stages": [
             {"layers": [s.layer_start, s.layer_end], "devices": c.devices, "dp": s.dp, "tp": s.tp}
@@ -108,26 +119,31 @@ def main() -> None:
     parser.add_argument("--dp-time-limit", type=float, default=600.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--bilevel", action="store_true",
+                        help="also run with precision choices (bilevel, first and second order)")
     args = parser.parse_args()
 
     cluster, cluster_name = cluster_64()
     blocks = ([22, 46] if args.scaling else []) + [94]
+    runs = [(b, s, None) for b in blocks for s in args.seeds]
+    if args.bilevel:
+        runs += [(94, args.seeds[0], "first"), (94, args.seeds[0], "second")]
     rows = []
-    for num_blocks in blocks:
-        for seed in args.seeds:
-            row = run_darts(num_blocks, cluster, seed, args.steps)
-            rows.append(row)
-            print(f"darts {row['layers']:>3} layers x {row['devices']} devices seed {seed}: "
-                  f"wall {row['wall_s']:6.1f} s (cpu {row['cpu_s']:6.1f} s)  step {1e3 * row['step_time_s']:8.3f} ms  "
-                  f"relaxed {1e3 * row['relaxed_cost_s']:8.3f}  decoded {1e3 * row['decoded_cost_s']:8.3f}  "
-                  f"p={row['stages']} m={row['microbatches']} {row['schedule']}")
+    for num_blocks, seed, order in runs:
+        row = run_darts(num_blocks, cluster, seed, args.steps, order)
+        rows.append(row)
+        print(f"darts[{row['mode']}] {row['layers']:>3} layers x {row['devices']} devices seed {seed}: "
+              f"wall {row['wall_s']:6.1f} s (cpu {row['cpu_s']:6.1f} s)  step {1e3 * row['step_time_s']:8.3f} ms  "
+              f"relaxed {1e3 * row['relaxed_cost_s']:8.3f}  decoded {1e3 * row['decoded_cost_s']:8.3f}  "
+              f"p={row['stages']} m={row['microbatches']} {row['schedule']} "
+              f"act={row['activation_precision']} grad={row['gradient_precision']}")
     report = {
         "case": "gpt_like_profile(num_blocks=94) on " + cluster_name, "global_batch_size": GLOBAL_BATCH,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "darts": rows,
     }
     if args.baselines:
         report["baselines"] = run_baselines(94, cluster, args.dp_time_limit)
-        best = min(r["step_time_s"] for r in rows if r["layers"] == 96)
+        best = min(r["step_time_s"] for r in rows if r["layers"] == 96 and r["mode"] == "cost-only")
         for name, b in report["baselines"].items():
             print(f"{name:>12}: step {1e3 * b['step_time_s']:8.3f} ms (darts / {name} = "
                   f"{best / b['step_time_s']:.4f}), wall {b['wall_s']:.1f} s")

@@ -195,3 +195,14 @@ def test_api_accepts_config_mappings_with_lists():
     assert result.method == "dp" and result.plan.meta["space"]["stage_counts"] == (1, 2, 3)
     assert result.cost.step_time_s == pytest.approx(dp_search(space).cost.step_time_s, rel=1e-12)
     assert result.wall_time_s >= result.info["search_s"] > 0
+
+
+def test_dp_layer_groups_and_size_guard():
+    space = _space(**{**TINY["mixed-both"], "blocks": 4})
+    exact = dp_search(space)
+    grouped = dp_search(space, layer_group=2)
+    assert not grouped.info["exact"] and "layer_group" in grouped.info["notes"][0]
+    assert all(c in (1, 2, 4, 5) for c in grouped.info["choice"].cuts)
+    assert grouped.cost.step_time_s >= exact.cost.step_time_s * (1 - 1e-12)
+    with pytest.raises(ValueError, match="raise dp.layer_group"):
+        dp_search(space, max_elements=100)

@@ -247,3 +247,14 @@ def test_overheads_add_per_microbatch_pass_and_per_step(case):
     assert with_overhead.step_time_s - base == pytest.approx((8 + 2 - 1) * 2 * 1e-3 + 5e-3, rel=1e-9)
     with pytest.raises(ValueError, match="stage_overhead_s=-1"):
         CostModel(profile, cluster, stage_overhead_s=-1)
+
+
+def test_memory_baseline_takes_capacity_and_is_reported(case):
+    profile, cluster, cm, space = case
+    plan = one_stage_plan(space, (1, 1))
+    base = cm.evaluate(plan)
+    cluster_b = replace(cluster, calibration={"memory_baseline_bytes": 2.0**30})
+    with_base = CostModel(profile, cluster_b).evaluate(plan)
+    assert with_base.stages[0].memory_bytes - base.stages[0].memory_bytes == pytest.approx(2.0**30)
+    assert with_base.stages[0].capacity_bytes == base.stages[0].capacity_bytes
+    assert with_base.step_time_s == pytest.approx(base.step_time_s, rel=1e-12)

@@ -222,7 +222,8 @@ def test_activation_precision_row_gets_gradient_from_L_val(numerics_space):
     assert float(A.global_logits["activation_precision"].grad.abs().max()) > 0
     assert any(float(p.grad.abs().max()) > 0 for p in A.stage_logits if p.grad is not None)
     # The unrolled step gives the gradient-precision row a signal too.
-    second = task.arch_grads(cut.detach(), g["activation_precision"].detach(), g["gradient_precision"].detach(), "second")
+    second = task.arch_grads(cut.detach(), g["activation_precision"].detach(),
+                             g["gradient_precision"].detach(), "second")
     assert float(second.grad.abs().max()) > 0 and float(second.act.abs().max()) > 0
 
 

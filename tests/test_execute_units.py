@@ -277,8 +277,8 @@ def test_torchrun_command_standalone_and_multi_node():
 
 def test_stage_stats_take_the_worst_rank_and_predictions_compare():
     def rank(r, stages, fwd, mem):
-        return RankStats(r, stages, 0, 0, 0, fwd, 2 * fwd, 0.0, 0.1, 0.0, 0.01, 0.1, 1.0, mem,
-                         {"total": mem // 2}, None, None)
+        return RankStats(r, stages, 0, 0, 0, fwd, 2 * fwd, 0.0, 0.1, 0.0, 0.01, 0.1, 1.0, 0.9,
+                         mem, {"total": mem // 2}, None, None)
 
     stats = stage_stats([rank(0, (0,), 1.0, 100), rank(1, (0,), 1.5, 90), rank(2, (1,), 0.5, 70)],
                         [(0, 3), (3, 6)])

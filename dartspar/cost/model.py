@@ -268,6 +268,10 @@ class CostModel:
         self.step_overhead_s = float(
             calibration.get("step_overhead_s", 0.0) if step_overhead_s is None else step_overhead_s
         )
+        # What a process holds before any model state (runtime, allocator pools): it is taken out
+        # of every device's capacity in the tables, so every planner sees it, and added back in
+        # the reported per-device memory.
+        self.memory_baseline_bytes = float(calibration.get("memory_baseline_bytes", 0.0))
         if self.stage_overhead_s < 0 or self.step_overhead_s < 0:
             raise ValueError(
                 f"overheads must be >= 0, got stage_overhead_s={self.stage_overhead_s}, "
@@ -323,7 +327,9 @@ class CostModel:
                 [lay.output_bytes * scale for lay in self.profile.layers], dtype=torch.float64
             ),
             dp=torch.tensor([c.dp for c in configs], dtype=torch.float64),
-            capacity_bytes=torch.tensor([c.group.memory_bytes for c in configs], dtype=torch.float64),
+            capacity_bytes=torch.tensor(
+                [c.group.memory_bytes - self.memory_baseline_bytes for c in configs], dtype=torch.float64
+            ),
             sync_alpha_s=torch.tensor(alpha, dtype=torch.float64),
             sync_beta_s_per_byte=torch.tensor(beta, dtype=torch.float64),
         )
@@ -414,7 +420,7 @@ class CostModel:
         stages, peak = [], {}
         for k, stage in enumerate(plan.stages):
             c = int(soft.config_probs[k].argmax())
-            mem = float(exact.memory_bytes[k, c])
+            mem = float(exact.memory_bytes[k, c]) + self.memory_baseline_bytes
             cfg = tables.configs[c]
             for device in stage.device_ids:
                 peak[device] = mem
@@ -474,6 +480,7 @@ class CostModel:
             "makespan_s": b.makespan_s,
             "dp_sync_s": b.dp_sync_s,
             "fits": b.fits,
+            "peak_bytes": max(b.peak_bytes_per_device.values()),
             "peak_bytes_per_device": {str(k): v for k, v in b.peak_bytes_per_device.items()},
             "stages": [asdict(s) for s in b.stages],
             "estimator": self.estimator.name,

@@ -15,9 +15,9 @@ changes and nothing else. Checked against torch 2.13 (``stage.py`` / ``schedules
 - For FSDP2-wrapped stages the schedule itself disables gradient sync during the micro-batches
   and runs the reduce-scatter after the last backward (``perform_reduce_grad``).
 
-Timing wraps the stage's ``forward_one_chunk`` / ``backward_one_chunk`` / ``perform_reduce_grad``
-on the instance (no global patching); everything else in a schedule step — waiting for and
-moving activations and gradients, and the bubble — is pipeline wait time.
+Timing wraps the stage's ``forward_one_chunk`` / ``backward_one_chunk`` (and, under FSDP,
+``perform_reduce_grad``) on the instance (no global patching); everything else in a schedule
+step — waiting for and moving activations and gradients, and the bubble — is pipeline wait time.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -106,9 +107,11 @@ class PipelineRunner:
         stage.backward_weight_one_chunk = clock.wrap(
             stage.backward_weight_one_chunk, "backward", index, lambda a: f"W{a[0]}"
         )
-        stage.perform_reduce_grad = clock.wrap(
-            stage.perform_reduce_grad, "dp_sync", index, lambda a: "reduce_grad"
-        )
+        if isinstance(stage.submod, FSDPModule):
+            # FSDP's reduce-scatter; without FSDP this call only divides by the micro-batches.
+            stage.perform_reduce_grad = clock.wrap(
+                stage.perform_reduce_grad, "dp_sync", index, lambda a: "reduce_grad"
+            )
 
     def step(self, inputs: torch.Tensor | None, target: torch.Tensor | None) -> list[torch.Tensor]:
         """One forward+backward over all micro-batches; gradients accumulate into ``.grad``

@@ -17,6 +17,9 @@ Definitions (all times in seconds, medians over the steps after warm-up):
   allocation on GPU and the peak RSS on CPU.
 - ``step_times_s``: every step's time (slowest rank); ``loop_time_per_step_s``: wall time of the
   steps after warm-up divided by their number (includes logging and checkpoint saves).
+- ``cpu_time_s`` (per rank) / ``cpu_time_per_step_s`` (summed over ranks): CPU seconds the
+  processes consumed per step (``time.process_time``, all threads). Unlike wall time it barely
+  moves when other jobs share the machine, so it is the robust figure for overhead comparisons.
 - ``tokens_per_s``: tokens (GPT) or samples (dense models) per global step / ``step_time_s``.
 - ``mfu``: model FLOPs (forward + backward, no recomputation) per second over the devices'
   summed dense bf16 peak; None on CPU.
@@ -53,6 +56,7 @@ class RankStats:
     optimizer_s: float
     comm_s: float
     step_time_s: float
+    cpu_time_s: float
     peak_rss_bytes: int
     model_state_bytes: dict
     cuda_max_allocated_bytes: int | None
@@ -97,6 +101,7 @@ class RunReport:
     step_time_s: float
     step_times_s: list
     loop_time_per_step_s: float
+    cpu_time_per_step_s: float
     tokens_per_s: float
     model_flops_per_step: float
     achieved_flops_per_s: float

@@ -35,12 +35,15 @@ class StepHistory:
     """Per-step seconds of one rank: the whole step, the schedule call, and the timed phases."""
 
     step: list = field(default_factory=list)
+    cpu: list = field(default_factory=list)
     schedule: list = field(default_factory=list)
     phases: dict = field(default_factory=lambda: {k: [] for k in _PHASES})
     losses: list = field(default_factory=list)
 
-    def record(self, step_s: float, schedule_s: float, totals: dict, loss: float | None) -> None:
+    def record(self, step_s: float, cpu_s: float, schedule_s: float, totals: dict,
+               loss: float | None) -> None:
         self.step.append(step_s)
+        self.cpu.append(cpu_s)
         self.schedule.append(schedule_s)
         for k in _PHASES:
             self.phases[k].append(totals[k])
@@ -62,6 +65,7 @@ def _rank_stats(plan: Plan, r: RankRuntime, history: StepHistory, warmup: int, d
         forward_s=med["forward"], backward_s=med["backward"], loss_s=med["loss"],
         pipeline_wait_s=wait, dp_sync_s=med["dp_sync"], optimizer_s=med["optimizer"],
         comm_s=wait + med["dp_sync"], step_time_s=median_after_warmup(history.step, warmup),
+        cpu_time_s=median_after_warmup(history.cpu, warmup),
         peak_rss_bytes=peak_rss_bytes(),
         model_state_bytes=tensor_state_bytes(r.modules, r.optimizer),
         cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
@@ -120,6 +124,7 @@ def write_outputs(
         start_step=start_step, end_step=options.steps, warmup_steps=options.warmup_steps,
         step_time_s=step_time, step_times_s=per_step,
         loop_time_per_step_s=max(g["loop_s"] for g in gathered),
+        cpu_time_per_step_s=sum(s.cpu_time_s for s in ranks),
         tokens_per_s=tokens_per_s, model_flops_per_step=r.model_flops_per_step,
         achieved_flops_per_s=achieved, mfu=mfu, mfu_note=peak_note,
         losses=next((g["losses"] for g in gathered if g["losses"]), []),

@@ -122,6 +122,7 @@ def train(plan: Plan, plan_path: str, options: RunOptions, device: torch.device,
             if r.runner.is_last:
                 targets = local_batch(y, plan.num_microbatches, r.layout.dp, dp_rank).to(device)
         t0 = clock.sync_now()
+        cpu0 = time.process_time()
         r.optimizer.zero_grad(set_to_none=True)
         try:
             micro_losses = r.runner.step(inputs, targets)
@@ -144,7 +145,7 @@ def train(plan: Plan, plan_path: str, options: RunOptions, device: torch.device,
         clock.flush()
         if clock.tracing:
             clock.add("step", t0, t2, f"step {step + 1}", -1, {})
-        history.record(t2 - t0, t1 - t0, clock.totals, loss)
+        history.record(t2 - t0, time.process_time() - cpu0, t1 - t0, clock.totals, loss)
         if step_log is not None and loss is not None:
             step_log.write(json.dumps({"step": step + 1, "loss": loss, "step_time_s": t2 - t0}) + "\n")
             step_log.flush()

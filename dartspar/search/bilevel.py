@@ -37,7 +37,8 @@ from ..data import BatchStream, make_lm_dataset
 from ..models import GPT, GPTConfig
 
 __all__ = [
-    "quantize_activation", "quantize_gradient", "mix_activation", "mix_gradients", "ProxyConfig",
+    "quantize_activation", "quantize_gradient", "quantize_gradients", "mix_activation", "mix_gradients",
+    "ProxyConfig",
     "ProxyTask", "ArchGrads",
 ]
 
@@ -71,7 +72,9 @@ def quantize_gradient(g: torch.Tensor, precision: str) -> torch.Tensor:
     raise ValueError(f"gradient precision {precision!r} is not one of fp32, bf16, int8")
 
 
-def mix_activation(x: torch.Tensor, cut_prob: torch.Tensor, act_probs: torch.Tensor, precisions: tuple[str, ...]) -> torch.Tensor:
+def mix_activation(
+    x: torch.Tensor, cut_prob: torch.Tensor, act_probs: torch.Tensor, precisions: tuple[str, ...]
+) -> torch.Tensor:
     """``x + c * sum_q P(q) (Q_q(x) - x)`` with the quantization error detached (see module doc)."""
     if all(q == "fp32" for q in precisions):
         return x
@@ -80,12 +83,40 @@ def mix_activation(x: torch.Tensor, cut_prob: torch.Tensor, act_probs: torch.Ten
     return x + cut_prob.to(x.dtype) * mix
 
 
-def mix_gradients(grads: list[torch.Tensor], grad_probs: torch.Tensor, precisions: tuple[str, ...]) -> list[torch.Tensor]:
-    """``sum_q P(q) Q_q(g)`` for every gradient tensor (differentiable in ``grad_probs``)."""
-    out = []
-    for g in grads:
-        out.append(sum(grad_probs[i].to(g.dtype) * quantize_gradient(g, q) for i, q in enumerate(precisions)))
-    return out
+def _quantize_flat(flat: torch.Tensor, sizes: list[int], precision: str) -> torch.Tensor:
+    """``quantize_gradient`` of consecutive segments of ``flat`` (one int8 scale per segment)."""
+    if precision == "fp32":
+        return flat
+    if precision == "bf16":
+        return flat.to(torch.bfloat16).to(flat.dtype)
+    if precision == "int8":
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        amax = flat.new_zeros(len(sizes)).scatter_reduce(0, owner, flat.abs(), "amax", include_self=True)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))[owner]
+        return torch.round(flat / scale).clamp(-127, 127) * scale
+    raise ValueError(f"gradient precision {precision!r} is not one of fp32, bf16, int8")
+
+
+def quantize_gradients(grads: list[torch.Tensor], precision: str) -> list[torch.Tensor]:
+    """``quantize_gradient`` of every tensor (one scale per tensor), on one flat buffer: a model
+    has hundreds of small gradient tensors, and per-tensor ops would dominate the step."""
+    if precision == "fp32" or not grads:
+        return list(grads)
+    sizes = [g.numel() for g in grads]
+    q = _quantize_flat(torch.cat([g.reshape(-1) for g in grads]), sizes, precision)
+    return [part.view_as(g) for part, g in zip(q.split(sizes), grads)]
+
+
+def mix_gradients(
+    grads: list[torch.Tensor], grad_probs: torch.Tensor, precisions: tuple[str, ...]
+) -> list[torch.Tensor]:
+    """``sum_q P(q) Q_q(g)`` for every gradient tensor (``grad_probs`` treated as constants)."""
+    if not grads:
+        return []
+    sizes = [g.numel() for g in grads]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    mixed = sum(float(w) * _quantize_flat(flat, sizes, q) for w, q in zip(grad_probs, precisions))
+    return [part.view_as(g) for part, g in zip(mixed.split(sizes), grads)]
 
 
 @dataclass(frozen=True)
@@ -105,10 +136,10 @@ class ProxyConfig:
     num_heads: int = 2
     seq_len: int = 32
     vocab_size: int = 64
-    batch_size: int = 16
+    batch_size: int = 8
     num_train: int = 1024
     num_val: int = 256
-    max_layers: int = 34
+    max_layers: int = 24
     lr: float = 3e-3
     xi: float = 3e-3
 
@@ -166,7 +197,7 @@ class ProxyTask:
         self.train = BatchStream((train[:, :-1], train[:, 1:]), config.batch_size, seed)
         self.val = BatchStream((val[:, :-1], val[:, 1:]), config.batch_size, seed + 1)
         self.params = [p for p in self.model.parameters()]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, foreach=True)
         self.step_index = 0
 
     # ---------------------------------------------------------------------------- forward
@@ -174,7 +205,9 @@ class ProxyTask:
         """(n - 1,) proxy boundary probabilities from the profile's (L - 1,)."""
         return (self.mapping @ cut_probs).clamp(max=1.0)
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], cut_probs: torch.Tensor, act_probs: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, batch: tuple[torch.Tensor, torch.Tensor], cut_probs: torch.Tensor, act_probs: torch.Tensor
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy with the relaxed activation numerics."""
         tokens, targets = batch
         c = self.proxy_cut_probs(cut_probs)
@@ -218,7 +251,7 @@ class ProxyTask:
         val_batch = self.val.batch(self.step_index)
         if order == "first":
             loss = self.loss(val_batch, cut, act)
-            g_cut, g_act = torch.autograd.grad(loss, (cut, act))
+            g_cut, g_act = _grads(loss, (cut, act))
             return ArchGrads(g_cut, g_act, torch.zeros_like(grad_p), float(loss.detach()))
 
         xi = self.config.xi
@@ -226,14 +259,14 @@ class ProxyTask:
         # theta' = theta - xi * G(A), with G the relaxed-precision training gradient.
         train_loss = self.loss(train_batch, cut.detach(), act.detach())
         raw = torch.autograd.grad(train_loss, self.params)
-        quantized = [[quantize_gradient(g, q) for g in raw] for q in self.grad_precisions]
+        quantized = [quantize_gradients(list(raw), q) for q in self.grad_precisions]
         backup = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 update = sum(float(grad_p[q]) * quantized[q][i] for q in range(len(self.grad_precisions)))
                 p.sub_(xi * update)
         loss = self.loss(val_batch, cut, act)
-        grads = torch.autograd.grad(loss, [cut, act, *self.params])
+        grads = _grads(loss, [cut, act, *self.params])
         g_cut, g_act, v = grads[0], grads[1], grads[2:]
         # d L_val / d P_grad(q) = -xi <v, Q_q(g)>.
         g_grad = torch.stack([
@@ -250,7 +283,7 @@ class ProxyTask:
                     for p, b, vi in zip(self.params, backup, v):
                         p.copy_(b + sign * eps * vi)
                 lt = self.loss(train_batch, cut, act)
-                dc, da = torch.autograd.grad(lt, (cut, act))
+                dc, da = _grads(lt, (cut, act))
                 hv_cut = hv_cut + sign * dc
                 hv_act = hv_act + sign * da
             hv_cut, hv_act = hv_cut / (2 * eps), hv_act / (2 * eps)
@@ -269,7 +302,10 @@ class ProxyTask:
         return total / batches
 
 
-def proxy_layer_count(num_profile_layers: int, config: ProxyConfig) -> int:
-    """How many layers the proxy gets for a profile of ``num_profile_layers`` layers."""
-    return max(3, min(num_profile_layers, config.max_layers))
+def _grads(loss: torch.Tensor, inputs) -> list[torch.Tensor]:
+    """``torch.autograd.grad`` with zeros for inputs the loss does not use (e.g. the cut
+    probabilities when every activation precision is fp32)."""
+    grads = torch.autograd.grad(loss, list(inputs), allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
 

@@ -148,7 +148,7 @@ def darts_search(
     prune_eps: float = 1e-3,
     top_k: int = 8,
     refine_budget: int = 3000,
-    refine_top: int = 3,
+    refine_top: int = 16,
     decode_every: int = 10,
     max_snapshots: int = 60,
     proxy: ProxyConfig | dict | None = None,
@@ -178,8 +178,9 @@ def darts_search(
             each); see ``strategy.py``.
         smooth_rel: log-sum-exp temperature relative to the mean stage time.
         prune_eps: branches with P(order) P(p) below this keep their last cost.
-        top_k: global settings decoded at the end; ``refine_top`` of them refined with
-            ``refine_budget`` exact evaluations in total.
+        top_k: global settings decoded at the end, by probability and by relaxed cost (plus
+            the best setting of every stage count); up to ``refine_top`` of them, best first,
+            are refined to a local optimum while ``refine_budget`` exact evaluations last.
         decode_every: steps between decodes of the most probable branch (trajectory).
         max_snapshots: most layer-stage probability snapshots kept (for heatmaps).
         proxy: ``ProxyConfig`` (or its fields) of the bilevel proxy model.
@@ -349,7 +350,8 @@ def _run(space, seed, steps, lr, global_lr, lam, temperature, temperature_schedu
             "step": step, "temperature": T, "expected_step_time_s": float(expected_step),
             "objective": float(cost_obj.detach()), "memory_penalty": mem_pen, "infeasible_mass": inf_mass,
             "active_branches": len(evaluated),
-            "stage_count_best_relaxed_s": {str(p): float(stale[gi]["step"].min()) for gi, p in enumerate(A.stage_counts)},
+            "stage_count_best_relaxed_s": {str(p): float(stale[gi]["step"].min())
+                                           for gi, p in enumerate(A.stage_counts)},
             "globals": {k: v.tolist() for k, v in plain.items() if k != "branch"},
             "entropy": entropy_summary({**{k: v for k, v in plain.items() if k != "branch"},
                                         "branch": plain["branch"].reshape(-1),
@@ -400,7 +402,11 @@ def _run(space, seed, steps, lr, global_lr, lam, temperature, temperature_schedu
             by_cost.append((float(step_table[o, si, mi]), (prob, o, p, A.row_values["microbatches"][mi],
                                                            A.row_values["schedule"][si])))
     by_cost.sort(key=lambda item: item[0])
-    candidates = decode_candidates(A, ev, T_end, top_k, [setting for _, setting in by_cost[:top_k]])
+    extra = [setting for _, setting in by_cost[:top_k]]
+    # And the best setting of every stage count, so that refinement starts from every p.
+    for p in A.stage_counts:
+        extra += [setting for _, setting in by_cost if setting[2] == p][:1]
+    candidates = decode_candidates(A, ev, T_end, top_k, extra)
     phase["decode_s"] = time.perf_counter() - t0
     if not candidates:
         raise PlanError("darts decoded no allowed placement: check the space's stage counts and shapes")
@@ -417,15 +423,19 @@ def _run(space, seed, steps, lr, global_lr, lam, temperature, temperature_schedu
     unique: dict = {}
     for c in sorted(fitting, key=lambda c: c.cost_s):
         unique.setdefault(c.choice, c)
+    # Refine the best decoded points first, each to its local optimum, while budget remains.
     to_refine = list(unique.values())[:refine_top]
     best_choice, best_cost = None, math.inf
-    per_budget = max(1, refine_budget // len(to_refine))
+    remaining = refine_budget
     refine_log = []
     for i, cand in enumerate(to_refine):
+        if remaining <= 0:
+            break
         trace: list = []
-        choice, cost = refine(space, cand.choice, per_budget, evaluator=ev, seed=seed + i, trace=trace)
+        choice, cost = refine(space, cand.choice, remaining, evaluator=ev, seed=seed + i, trace=trace)
+        remaining -= trace[-1]["evaluations"]
         refine_log.append({"start_s": cand.cost_s, "refined_s": float(cost.step_time_s),
-                           "improvements": len(trace) - 1, **trace[-1]})
+                           "num_stages": cand.choice.num_stages, "improvements": len(trace) - 1, **trace[-1]})
         if float(cost.step_time_s) < best_cost:
             best_choice, best_cost = choice, float(cost.step_time_s)
     phase["refine_s"] = time.perf_counter() - t0
@@ -462,7 +472,8 @@ def _run(space, seed, steps, lr, global_lr, lam, temperature, temperature_schedu
         ],
         "refine": refine_log,
         "cost_ref_s": ref_s,
-        "final_globals": {k: dict(zip(map(str, A.row_values[k]), v.tolist())) for k, v in plain.items() if k != "branch"},
+        "final_globals": {k: dict(zip(map(str, A.row_values[k]), v.tolist()))
+                          for k, v in plain.items() if k != "branch"},
         "stage_snapshots": snapshots,
         "mean_active_branches": sum(evaluated_counts) / max(1, len(evaluated_counts)),
         "num_branches": len(A.branches),

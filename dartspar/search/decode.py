@@ -22,7 +22,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 from ..cost.model import RelaxedCost
 from ..plan import PlanError
 from ..space import Choice, SearchSpace
-from .fastcost import ExactCost, ExactEvaluator
+from .fastcost import ExactEvaluator
 from .strategy import Branch, StrategyMatrix
 
 __all__ = [
@@ -74,7 +74,9 @@ def viterbi_cuts(log_w: torch.Tensor | np.ndarray) -> tuple[int, ...]:
     return tuple(reversed(cuts))
 
 
-def map_shapes(space: SearchSpace, order: int, log_q: torch.Tensor | np.ndarray, allowed: np.ndarray) -> tuple[int, ...] | None:
+def map_shapes(
+    space: SearchSpace, order: int, log_q: torch.Tensor | np.ndarray, allowed: np.ndarray
+) -> tuple[int, ...] | None:
     """Most probable shape sequence whose device groups are all allowed (DP over offsets).
 
     Args:
@@ -231,9 +233,10 @@ def _overflow_message(space: SearchSpace, ev: ExactEvaluator, choice: Choice) ->
     )
 
 
-def _fallback_starts(space: SearchSpace, ev: ExactEvaluator) -> Iterator[Choice]:
+def _fallback_starts(space: SearchSpace, ev: ExactEvaluator, like: Choice) -> Iterator[Choice]:
     """Memory-first constructions: equal groups with the most tensor parallelism, layers split
-    evenly by training-state bytes, most micro-batches, 1F1B first, fewest recomputation."""
+    evenly by training-state bytes, most micro-batches, 1F1B first, fewest recomputation;
+    precisions as in ``like``."""
     L, D = space.num_layers, space.num_devices
     state = np.array([lay.state_bytes for lay in space.profile.layers], dtype=np.float64)
     centre = (np.cumsum(state) - 0.5 * state) / max(state.sum(), 1.0)
@@ -253,8 +256,7 @@ def _fallback_starts(space: SearchSpace, ev: ExactEvaluator) -> Iterator[Choice]
                     for s in ranked[:1]:
                         for schedule in schedules:
                             choice = Choice(order, cuts, (s,) * p, m, schedule, (False,) * L,
-                                            space.options.activation_precisions[0],
-                                            space.options.gradient_precisions[0])
+                                            like.activation_precision, like.gradient_precision)
                             if ev.placement(choice) is not None:
                                 yield ev.minimal_recompute(choice)
 
@@ -279,8 +281,9 @@ def repair(space: SearchSpace, choice: Choice, ev: ExactEvaluator | None = None,
     best, best_key = choice, start_key
     if math.isinf(best_key[0]):
         best, best_key = None, (math.inf, math.inf)
-    for start in ([choice] if best is not None else []) + list(itertools.islice(_fallback_starts(space, ev), 8)):
-        found = _local_search(space, ev, start, lambda c: _overflow_key(ev, c), budget=budget // 4,
+    starts = ([choice] if best is not None else []) + list(itertools.islice(_fallback_starts(space, ev, choice), 8))
+    for start in starts:
+        found = _local_search(space, ev, start, lambda c: _overflow_key(ev, c), budget=max(50, budget // len(starts)),
                               stop=lambda key: key[0] <= 0)
         key = _overflow_key(ev, found)
         if key < best_key:

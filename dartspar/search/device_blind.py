@@ -67,7 +67,7 @@ def _with_recompute(plan, stages: set[int]):
 def device_blind_search(space: SearchSpace, *, seed: int = 0, progress: bool = False, callback=None,
                         memory: str = "min", repair: bool = True, time_limit_s: float | None = None,
                         max_solves: int | None = None, layer_group: int = 1,
-                        max_elements: float = 6e7, num_threads: int | None = 1) -> SearchResult:
+                        max_elements: float = 2e7, num_threads: int | None = 1) -> SearchResult:
     """The DP's best plan for the averaged cluster, scored on the real one (module doc).
 
     Args:

@@ -27,7 +27,8 @@ bottleneck optimum (a min-max DP solved once per branch, Alpa's early-stop bound
 below the branch's averaged bound (every max is at least the mean over stages, which makes the
 whole step time additive: one more DP). Branches, the discrete globals (node order, micro-batch
 count, schedule, precisions) times the stage count p, are screened with two DP passes that cover
-every p at once, then expanded in order of their bounds until no bound beats the incumbent.
+every p at once; then the regions of all branches are expanded best-first from one heap until
+no open bound beats the incumbent, so a time-limited run still certifies a lower bound.
 
 Without a cap the result is the exact optimum over the space. Recompute granularity "layer" is
 restricted to one flag per stage (said in ``info["notes"]``); "stage" and "off" are exact.
@@ -141,7 +142,7 @@ def dp_search(
     time_limit_s: float | None = None,
     max_solves: int | None = None,
     layer_group: int = 1,
-    max_elements: float = 6e7,
+    max_elements: float = 2e7,
     check: bool = True,
     num_threads: int | None = 1,
 ):
@@ -150,7 +151,7 @@ def dp_search(
     Args:
         space: the search space (its cost model scores everything).
         seed: unused (the DP is deterministic); accepted for a uniform method signature.
-        progress: print one line per branch expanded.
+        progress: print a line per screened branch and every 200 solves.
         callback: called with each history entry (a dict) as it is recorded.
         time_limit_s: stop expanding bound regions after this many seconds (then
             ``info["exact"]`` is False and ``info["gap_bound"]`` bounds the loss).
@@ -160,12 +161,13 @@ def dp_search(
             and before the last layer); 1 = every layer (exact). Larger values make big models
             tractable and are reported as not exact.
         max_elements: refuse (clear error) when one branch's (ranges x groups x recompute)
-            tensors would exceed this many elements; raise ``layer_group`` then.
+            arrays would exceed this many elements (a branch holds ~8 such float64 arrays, so
+            2e7 is ~1.3 GB); raise ``layer_group`` then.
         check: compare the DP's own step time of the returned plan with ``space.evaluate``
             and raise if they differ by more than 1e-9 relative.
-        num_threads: torch intra-op threads during the search (None: leave as is). One is the
-            default because the DP's many mid-sized tensor ops lose more to thread hand-offs
-            than they gain, badly so on a loaded machine.
+        num_threads: torch intra-op threads while the cost tables are built (None: leave as
+            is); the DP itself is single-threaded numpy. One is the default, as for darts:
+            small torch ops lose more to thread hand-offs than they gain on a busy machine.
     Returns:
         SearchResult; ``info`` has exact, solves, branches, lower_bound_s, gap_bound, notes.
     """
@@ -207,15 +209,27 @@ def _dp(space, progress, callback, time_limit_s, max_solves, layer_group, max_el
             return True
         return time_limit_s is not None and time.perf_counter() - start > time_limit_s
 
-    cache: dict = {}
+    orders_cache: dict = {}
+    branches_cache: dict = {}
 
     def branch_for(spec) -> _Branch:
+        """The branch's tensors, rebuilt on demand; a bounded number stay cached."""
+        if spec in branches_cache:
+            branches_cache[spec] = branches_cache.pop(spec)  # most recently used last
+            return branches_cache[spec]
         order, m, schedule, act, grad = spec
-        if (order, m) not in cache:
-            if len(cache) >= 4:  # bound memory: a few (order, m) tensor sets alive at a time
-                cache.pop(next(iter(cache)))
-            cache[(order, m)] = _order_tensors(space, order, m, layer_group, len(rec), max_elements)
-        return _make_branch(space, cache[(order, m)], schedule, act, grad, rec)
+        if (order, m) not in orders_cache:
+            if len(orders_cache) >= 4:
+                orders_cache.pop(next(iter(orders_cache)))
+            orders_cache[(order, m)] = _order_tensors(space, order, m, layer_group, len(rec), max_elements)
+        base = orders_cache[(order, m)]
+        branch = _make_branch(space, base, schedule, act, grad, rec)
+        # ~8 arrays of (NR, R, Q) per branch; keep about 1e8 elements (0.8 GB) cached.
+        keep = max(2, int(1e8 // (8 * len(rec) * base.i_idx.size * base.pa.size)))
+        while len(branches_cache) >= keep:
+            branches_cache.pop(next(iter(branches_cache)))
+        branches_cache[spec] = branch
+        return branch
 
     def consider(branch: _Branch, p: int, sol: dict, extra: dict) -> None:
         cost = sol["A"] + sum(w * x for w, x in zip(sol["weights"], sol["maxima"])) + step_overhead
@@ -244,41 +258,54 @@ def _dp(space, progress, callback, time_limit_s, max_solves, layer_group, max_el
         if progress:
             print(f"[dp] screened {branch.label}")
 
-    # Phase 2: per (branch, p) in order of those bounds: the averaged lower bound (one more
-    # DP), the unbounded solve, then a best-first search over bound regions, until the next
-    # bound cannot beat the best plan found.
+    # Phase 2: best-first over every branch's bound regions at once. A screened (branch, p)
+    # first gets its averaged bound (one more DP) as a floor for all its regions; its root
+    # region is the unbounded solve; each solve splits its region (module doc). It ends when
+    # the smallest open bound cannot beat the best plan found: then that plan is optimal.
+    counter = itertools.count()
+    heap = [(bound, next(counter), "screen", spec, p, t_low, bound, None, None)
+            for bound, spec, p, t_low in candidates]
+    heapq.heapify(heap)
     open_bounds: list[float] = []
-    candidates.sort(key=lambda c: c[0])
-    for position, (bound, spec, p, t_low) in enumerate(candidates):
+    while heap:
+        bound, _, kind, spec, p, t_low, floor, ub, lb = heapq.heappop(heap)
         if bound + step_overhead >= state["best"]:
             break
-        leftover = None
         if state["choice"] is not None and out_of_budget():
-            leftover = bound
-        else:
-            branch = branch_for(spec)
-            floor = max(bound, _mean_bound(space, branch, p))
-            state["solves"] += 1
-            if floor + step_overhead >= state["best"]:
-                continue
-            kappa, weights, add, dims = branch.terms(p)
-            root = _solve(space, branch, p, add, dims, (INF,) * len(weights))
-            state["solves"] += 1
-            state["roots"] += 1
-            if root is None:
-                continue
-            root["weights"] = weights
-            consider(branch, p, root, {"phase": "root", "region_lower_bound_s": floor + step_overhead})
-            leftover = _branch_and_bound(space, branch, p, root, t_low, floor, state, consider,
-                                         out_of_budget, step_overhead)
-        if leftover is not None:
             stopped = True
-            open_bounds.append(leftover + step_overhead)
-            open_bounds.extend(c[0] + step_overhead for c in candidates[position + 1:])
+            open_bounds.append(bound + step_overhead)
             break
-        if progress:
-            print(f"[dp] {branch.label} p={p}: best {1e3 * state['best']:.4f} ms after "
-                  f"{state['solves']} solves")
+        branch = branch_for(spec)
+        kappa, weights, add, dims = branch.terms(p)
+        state["solves"] += 1
+        if kind == "screen":
+            floor = max(bound, _mean_bound(space, branch, p))
+            heapq.heappush(heap, (floor, next(counter), "region", spec, p, t_low, floor,
+                                  (INF,) * len(weights), (0.0,) * len(weights)))
+            continue
+        sol = _solve(space, branch, p, add, dims, ub)
+        if sol is None:
+            continue
+        sol["weights"] = weights
+        if all(u == INF for u in ub):
+            state["roots"] += 1
+        consider(branch, p, sol, {"region_lower_bound_s": bound + step_overhead})
+        fixed = list(lb)
+        for d in range(len(weights)):
+            if weights[d] == 0:
+                continue
+            child_ub = tuple(sol["maxima"][d] if e == d else ub[e] for e in range(len(weights)))
+            child_lb = tuple(fixed)
+            fixed[d] = max(fixed[d], sol["maxima"][d])
+            if any(child_lb[e] >= child_ub[e] for e in range(len(weights))):
+                continue
+            child = max(floor, _region_lb(sol["A"], weights, child_lb, t_low, branch.schedule))
+            if child + step_overhead < state["best"]:
+                heapq.heappush(heap, (child, next(counter), "region", spec, p, t_low, floor,
+                                      child_ub, child_lb))
+        if progress and state["solves"] % 200 == 0:
+            print(f"[dp] {state['solves']} solves: best {1e3 * state['best']:.4f} ms, "
+                  f"lower bound {1e3 * (bound + step_overhead):.4f} ms, {len(heap)} open regions")
 
     if state["choice"] is None:
         raise ValueError(
@@ -545,43 +572,3 @@ def _region_lb(parent_A: float, weights: tuple, lb: tuple, t_low: float, schedul
     else:
         t_part = weights[0] * max(lb[0] + lb[1], t_low)
     return parent_A + t_part + weights[-1] * lb[-1]
-
-
-def _branch_and_bound(space, branch: _Branch, p: int, root: dict, t_low: float, floor: float,
-                      state: dict, consider, out_of_budget, step_overhead: float) -> float | None:
-    """Expand one (branch, p)'s bound regions best-first; returns the smallest open lower bound
-    when the budget ran out, else None. ``floor`` is a lower bound of every plan of the branch."""
-    kappa, weights, add, dims = branch.terms(p)
-    ndim = len(weights)
-    counter = itertools.count()
-    heap: list = []
-
-    def push_children(ub: tuple, lb: tuple, sol: dict) -> None:
-        fixed = list(lb)
-        for d in range(ndim):
-            if weights[d] == 0:
-                continue
-            child_ub = tuple(sol["maxima"][d] if e == d else ub[e] for e in range(ndim))
-            child_lb = tuple(fixed)
-            fixed[d] = max(fixed[d], sol["maxima"][d])
-            if any(child_lb[e] >= child_ub[e] for e in range(ndim)):
-                continue
-            bound = max(floor, _region_lb(sol["A"], weights, child_lb, t_low, branch.schedule))
-            if bound + step_overhead < state["best"]:
-                heapq.heappush(heap, (bound, next(counter), child_ub, child_lb))
-
-    push_children((INF,) * ndim, (0.0,) * ndim, root)
-    while heap:
-        bound, _, ub, lb = heapq.heappop(heap)
-        if bound + step_overhead >= state["best"]:
-            return None
-        if out_of_budget():
-            return bound
-        sol = _solve(space, branch, p, add, dims, ub)
-        state["solves"] += 1
-        if sol is None:
-            continue
-        sol["weights"] = weights
-        consider(branch, p, sol, {"region_lower_bound_s": bound + step_overhead})
-        push_children(ub, lb, sol)
-    return None

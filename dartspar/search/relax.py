@@ -10,7 +10,6 @@ The smooth maximum used for the slowest stage is ``dartspar.cost.schedule.smooth
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +134,3 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     r = (1 - p).clamp(1e-300, 1.0)
     return -(p * torch.log(q) + (1 - p) * torch.log(r))
 
-
-def max_entropy(n: int) -> float:
-    """log n: the entropy of a uniform row of n entries."""
-    return math.log(n) if n > 0 else 0.0

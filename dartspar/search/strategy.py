@@ -257,7 +257,8 @@ class StrategyMatrix(nn.Module):
             self.recompute_logits.copy_(margin * (2 * rec - 1))
         elif self.space.options.recompute == "stage":
             cuts = (0, *choice.cuts, self.space.num_layers)
-            flags = torch.tensor([bool(choice.recompute[cuts[k]]) for k in range(choice.num_stages)], dtype=torch.float64)
+            flags = torch.tensor([float(choice.recompute[cuts[k]]) for k in range(choice.num_stages)],
+                                 dtype=torch.float64)
             self.stage_recompute_logits[b.group][b.order].copy_(margin * (2 * flags - 1))
 
 
