@@ -86,6 +86,8 @@ def bench_rows(data: dict, section: str, source: str = "bench_search.json") -> l
         if k in data:
             rows = data[k]
             break
+    if rows is None and isinstance(data.get("cases"), list):
+        rows = _rows_from_cases(data, section)
     if rows is None:
         raise ValueError(f"{source} has none of the sections {list(keys)} (has {sorted(data)})")
     if isinstance(rows, dict):
@@ -112,6 +114,24 @@ def bench_rows(data: dict, section: str, source: str = "bench_search.json") -> l
     if not out:
         raise ValueError(f"{source}: section {section!r} is empty")
     return out
+
+
+def _rows_from_cases(data: dict, section: str) -> list[dict]:
+    """The sections derived from experiments/bench_search.py's per-case runs and summary."""
+    if section == "mixed":
+        return list(data.get("summary", {}).get("darts_vs_device_blind", {}).get("runs", []))
+    rows = []
+    for case in data["cases"]:
+        name = f"{case['layers']}:{case['cluster']}"
+        for run in case.get("runs", []):
+            if run.get("rel") is None or run.get("wall_time_s") is None:
+                continue
+            if section == "quality":
+                rows.append({"case": name, "method": run["method"], "relative_cost": 1.0 + run["rel"],
+                             "wall_s": run["wall_time_s"]})
+            elif run["method"] == "darts":
+                rows.append({"layers": case["layers"], "devices": case["devices"], "wall_s": run["wall_time_s"]})
+    return rows
 
 
 # ---------------------------------------------------------------- (b)
