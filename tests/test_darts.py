@@ -10,7 +10,7 @@ import torch
 
 from dartspar.cost.model import ACT_BYTES, GRAD_BYTES, CostModel
 from dartspar.search.bilevel import ProxyConfig, ProxyTask, mix_activation, quantize_gradient
-from dartspar.search.darts import _GroupCost, darts_search
+from dartspar.search.darts import GroupCost, darts_search
 from dartspar.search.fastcost import ExactEvaluator, StackedTables
 from dartspar.search.strategy import StrategyMatrix
 from dartspar.space import Choice, SearchSpace, SpaceOptions
@@ -124,10 +124,11 @@ def test_darts_reaches_the_exhaustive_optimum_when_memory_binds(memory_case):
     assert result.cost.fits
 
 
-def test_darts_gumbel_relaxations_return_valid_plans(heavy_last_case):
+def test_darts_gumbel_relaxations_and_factorized_rows_return_valid_plans(heavy_last_case):
     space, (best, _, _) = heavy_last_case
-    for relaxation in ("gumbel", "gumbel_hard"):
-        result = darts_search(space, seed=3, relaxation=relaxation, **{**FAST_DARTS, "steps": 25})
+    for relaxation, global_rows in (("gumbel", "joint"), ("gumbel_hard", "joint"), ("softmax", "factorized")):
+        result = darts_search(space, seed=3, relaxation=relaxation, global_rows=global_rows,
+                              **{**FAST_DARTS, "steps": 25})
         result.plan.validate(space.profile, space.cluster)
         assert result.cost.fits and result.cost.step_time_s >= best * (1 - 1e-12)
 
@@ -163,7 +164,7 @@ def test_one_hot_A_costs_what_the_cost_model_says():
     space = _space(profile, cluster, global_batch_size=32, activation_precisions=("fp32", "bf16", "fp8"),
                    gradient_precisions=("fp32", "int8"), data_parallel="fsdp")
     tables = StackedTables.build(space)
-    coster = _GroupCost(space, tables, None, "hinge", 5.0, 2.0)
+    coster = GroupCost(space, tables, None, "hinge", 5.0, 2.0)
     gen = torch.Generator().manual_seed(0)
     dp2 = space.shapes.index((2, 1))
     tp2 = space.shapes.index((1, 2))

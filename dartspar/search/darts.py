@@ -2,33 +2,47 @@
 
 Objective of A (a *branch* is a node order and a stage count; see ``strategy.py``)::
 
-    J(A) = [L_val(theta, A)] + lam * sum_{order, p, m, schedule} P(order) P(p) P(m) P(schedule)
+    J(A) = [L_val(theta, A)] + lam * sum_{order, p, m, schedule} P(order, p, m, schedule)
            * ( step_time(order, p, m, schedule) / Cost_ref + memory term + kappa * P(infeasible group) )
 
-``step_time`` is the expected relaxed step time of the branch's rows at (m, schedule), from the
-shared cost model's formulas (``fastcost.batched_relaxed_cost`` mirrors ``relaxed_cost``), with
-the slowest-stage max replaced by a log-sum-exp whose temperature is ``smooth_rel`` times the
-mean stage time (detached). The stage shapes' configs are taken conditional on forming an
-allowed device group, and the mass that does not is penalised (``infeasible_weight``).
-Memory: a hinge ``mu * sum_k overflow_k / capacity_k`` or a Lagrangian with per-stage
-multipliers updated by dual ascent on ``(memory_k - capacity_k) / capacity_k``.
-``Cost_ref`` is the smallest relaxed step time over all branches at initialisation.
+P(order, p, m, schedule) is the joint global row (or the product of four rows with
+``global_rows="factorized"``). ``step_time`` is the expected relaxed step time of the branch's
+rows at (m, schedule), from the shared cost model's formulas (``fastcost.batched_relaxed_cost``
+mirrors ``relaxed_cost``), with the slowest-stage max replaced by a log-sum-exp whose
+temperature is ``smooth_rel`` times the mean stage time (detached). The stage shapes' configs
+are taken conditional on forming an allowed device group, and the mass that does not is
+penalised (``infeasible_weight``). Memory: a hinge ``mu * sum_k overflow_k / capacity_k`` or a
+Lagrangian with per-stage multipliers updated by dual ascent on ``(memory_k - capacity_k) /
+capacity_k``. ``Cost_ref`` is the smallest relaxed step time over all branches at
+initialisation. ``lam`` only matters in bilevel mode.
 
-Speed: a branch whose P(order) P(p) falls below ``prune_eps`` keeps its last cost (detached)
-and is not re-evaluated, so the global rows still see it but its rows stop moving; the global
-rows are frozen for the first ``warmup`` fraction of steps so that every branch's own rows are
-optimised before branches compete.
+Speed: all node orders of one stage count are evaluated in one batched pass; a stage count
+whose P(order, p) is below ``prune_eps`` for every order keeps its last cost (detached) and is
+not re-evaluated, so the global row still sees it but its rows stop moving. The global rows are
+frozen for the first ``warmup`` fraction of steps so that every branch's own rows are optimised
+before branches compete.
 
 Bilevel: when a precision choice has more than one option (``numerics="auto"``), the proxy
 model of ``bilevel.py`` trains on the relaxed numerics (one weights step per A step, DARTS'
 alternation) and ``L_val`` joins A's objective (first order, or the unrolled second-order
 step). Otherwise A steps on the cost alone (cost-only mode).
 
-Then ``decode.py``: the ``top_k`` most probable global settings are decoded, repaired to fit
-memory, the best ``refine_top`` are refined by local search on the exact cost, and the best
-becomes the plan. ``SearchResult.info`` reports the relaxed cost, the decoded cost, their gap
-and the refined cost, and which choices change numerics.
+Then ``decode.py``: the ``top_k`` most probable global settings, the ``top_k`` with the lowest
+relaxed cost and the best setting of every stage count are decoded and repaired to fit memory;
+the best of them are refined by local search on the exact cost, each to a local optimum,
+while ``refine_budget`` evaluations last; the best becomes the plan. ``SearchResult.info``:
+
+- ``relaxed_cost_s``: relaxed step time of the most probable setting (softmax rows at the
+  final temperature, smooth max), ``relaxed_expected_cost_s``: the full expectation;
+- ``decoded_cost_s``: exact step time of that setting's decode (inf if it overflows memory),
+  ``decoded_repaired_cost_s`` after repair, ``gap`` = (repaired decoded - relaxed) / relaxed;
+- ``best_decoded_cost_s`` over all decoded candidates, ``refined_cost_s`` (= ``cost``);
+- ``numerics``: mode, which choices change numerics, notes; plus the candidates, the
+  refinement log, the final global rows, ``stage_snapshots`` of the layer-stage matrix (for
+  heatmaps) and per-phase times. ``history`` has one entry per step (temperature, expected
+  cost, decoded cost every ``decode_every`` steps, entropies, global rows, L_train / L_val).
 """
+
 
 from __future__ import annotations
 
@@ -50,7 +64,7 @@ from .relax import RELAXATIONS, TemperatureSchedule
 from .result import SearchResult
 from .strategy import StrategyMatrix, entropy_summary
 
-__all__ = ["darts_search"]
+__all__ = ["darts_search", "GroupCost"]
 
 
 @contextmanager
@@ -68,9 +82,16 @@ def _threads(n: int | None):
         torch.set_num_threads(before)
 
 
-class _GroupCost:
+class GroupCost:
     """Relaxed cost and penalties of every node order at one stage count, for every
-    (schedule, m): tensors with leading dims (O, Sc, M)."""
+    (schedule, m).
+
+    Calling it with A, a stage-count index, the temperature and relaxation, the expected
+    act/grad bytes factors and ``Cost_ref`` returns a dict of tensors: "objective" and "step"
+    (O, Sc, M) (the step time in seconds; the objective normalised by ``ref_s`` plus the
+    memory and infeasibility terms), "overflow" (O, Sc, M, p) relative to capacity, "slack"
+    (Lagrangian mode) and "infeasible" (O, M, p). ``smooth_rel=None`` gives exact maxima.
+    """
 
     def __init__(self, space: SearchSpace, tables: StackedTables, smooth_rel: float | None, memory: str,
                  mu: float, infeasible_weight: float) -> None:
@@ -230,7 +251,7 @@ def _run(space, seed, steps, lr, global_lr, lam, temperature, temperature_schedu
     tables = StackedTables.build(space)
     ev = ExactEvaluator(space, tables)
     A = StrategyMatrix(space, global_rows=global_rows)
-    coster = _GroupCost(space, tables, smooth_rel, memory, mu, infeasible_weight)
+    coster = GroupCost(space, tables, smooth_rel, memory, mu, infeasible_weight)
     schedule_T = _as_schedule(temperature, temperature_schedule, steps)
     gen = torch.Generator().manual_seed(seed)
     phase["setup_s"] = time.perf_counter() - t0

@@ -309,7 +309,7 @@ def balance_cuts(ev: ExactEvaluator, choice: Choice) -> Choice:
     _, _, cfg, mi = layout
     L, C, p = ev.space.num_layers, ev.C, choice.num_stages
     P = ev.prefix[mi]
-    RP = ev._recompute_prefix(mi, choice.recompute)
+    RP = ev.recompute_prefix(mi, choice.recompute)
     # (L+1, p) prefix of each stage's per-layer time under that stage's config.
     prefix = P[:, cfg] + P[:, C + cfg] + 2 * P[:, 2 * C + cfg] + RP[:, cfg]
     lo, hi = 0.0, float((prefix[-1] - prefix[0]).max())

@@ -359,11 +359,13 @@ class ExactEvaluator:
         self._rec_prefix: dict = {}
         self.count = 0
 
-    def _recompute_prefix(self, mi: int, recompute: tuple[bool, ...]) -> np.ndarray:
+    def recompute_prefix(self, mi: int, recompute: tuple[bool, ...]) -> np.ndarray:
+        """(L+1, 3C) prefix sums over layers of ``rec[mi] * recompute`` (cached)."""
         key = (mi, recompute)
         hit = self._rec_prefix.get(key)
         if hit is None:
-            if len(self._rec_prefix) > 4096:
+            # Each entry is (L+1, 3C) floats (~100 KB at 96 layers): keep the cache small.
+            if len(self._rec_prefix) >= 256:
                 self._rec_prefix.clear()
             r = np.asarray(recompute, dtype=np.float64)
             body = np.cumsum(self.rec[mi] * r[:, None], axis=0)
@@ -403,7 +405,7 @@ class ExactEvaluator:
         P = self.prefix[mi]
         cols = np.arange(8)[None, :] * C + cfg[:, None]  # (p, 8)
         sums = P[ends[:, None], cols] - P[starts[:, None], cols]  # (p, 8)
-        RP = self._recompute_prefix(mi, choice.recompute)
+        RP = self.recompute_prefix(mi, choice.recompute)
         rcols = np.arange(3)[None, :] * C + cfg[:, None]
         rsums = RP[ends[:, None], rcols] - RP[starts[:, None], rcols]  # (p, 3)
         fwd = sums[:, 0] + sums[:, 2] + self.stage_overhead_s
