@@ -83,9 +83,14 @@ class LayerProfile:
         input_bytes / output_bytes: bytes of the activation entering / leaving the layer
             (what a pipeline stage boundary sends, and what recomputation must keep).
         gemms: the forward pass's matrix multiplies.
-        tp_allreduce_bytes: bytes all-reduced in the forward pass when the layer runs
-            tensor-parallel (Megatron: two all-reduces of b*s*h elements per transformer block);
-            the backward pass all-reduces the same amount. 0 for layers that do not split.
+        tp_allreduce_bytes / tp_allreduce_count: bytes all-reduced, and in how many
+            collectives, in the forward pass when the layer runs tensor-parallel: one per
+            row-parallel module, of its output (a GPT block: two of b*s*h elements).
+        tp_bwd_allreduce_bytes / tp_bwd_allreduce_count: the same for the backward pass: one
+            per column-parallel module, of its input's gradient. DTensor's column-parallel
+            style all-reduces each module's input gradient on its own, so separate q, k, v
+            projections cost three where Megatron's fused QKV costs one (a GPT block here:
+            four). 0 for layers that do not split.
         tp_max_degree: the largest tensor-parallel degree the layer supports (divides its heads
             and hidden sizes); 1 means not tensor-parallel.
         other_bytes_moved: memory traffic of the non-GEMM work (norms, softmax, elementwise)
@@ -107,6 +112,18 @@ class LayerProfile:
     tp_allreduce_bytes: int = 0
     tp_max_degree: int = 1
     other_bytes_moved: int = 0
+    tp_allreduce_count: int = 0
+    tp_bwd_allreduce_bytes: int = 0
+    tp_bwd_allreduce_count: int = 0
+
+    def __post_init__(self) -> None:
+        for volume, count in (("tp_allreduce_bytes", "tp_allreduce_count"),
+                              ("tp_bwd_allreduce_bytes", "tp_bwd_allreduce_count")):
+            if getattr(self, volume) > 0 and getattr(self, count) < 1:
+                raise ValueError(
+                    f"layer {self.name!r}: {volume}={getattr(self, volume)} needs {count} >= 1 "
+                    f"(got {getattr(self, count)}): give the number of collectives that move it"
+                )
 
     @property
     def state_bytes(self) -> int:
@@ -124,6 +141,7 @@ class LayerProfile:
             output_bytes=round(self.output_bytes * factor),
             gemms=tuple(g.scaled(factor) for g in self.gemms),
             tp_allreduce_bytes=round(self.tp_allreduce_bytes * factor),
+            tp_bwd_allreduce_bytes=round(self.tp_bwd_allreduce_bytes * factor),
             other_bytes_moved=round(self.other_bytes_moved * factor),
         )
 
@@ -232,7 +250,8 @@ def profile(
     Tensor parallelism: a block (or its class) may define ``tp_plan`` (submodule path ->
     "colwise" | "rowwise") and must then define ``tp_max_degree``. GEMMs inside a colwise
     module split "n", inside a rowwise module "k", other batched products (attention) of such a
-    block "batch"; ``tp_allreduce_bytes`` sums the rowwise modules' outputs.
+    block "batch"; ``tp_allreduce_bytes`` sums the rowwise modules' outputs (one collective
+    each), ``tp_bwd_allreduce_bytes`` the colwise modules' inputs (one each, in backward).
 
     Every block is run; none is copied from another, so no proof that blocks are identical is
     needed. A GPT-3 175B configuration profiles in a few seconds.
@@ -500,6 +519,9 @@ def _layer_profile(name, kind, stats, params, dtype_bytes, tp_plan, module) -> L
         output_bytes=stats.output_bytes,
         gemms=_merge_gemms(stats.gemms),
         tp_allreduce_bytes=stats.tp_allreduce_bytes if tp_plan else 0,
+        tp_allreduce_count=stats.tp_allreduce_count if tp_plan else 0,
+        tp_bwd_allreduce_bytes=stats.tp_bwd_allreduce_bytes if tp_plan else 0,
+        tp_bwd_allreduce_count=stats.tp_bwd_allreduce_count if tp_plan else 0,
         tp_max_degree=module.tp_max_degree if tp_plan else 1,
         other_bytes_moved=stats.other_bytes_moved,
     )

@@ -60,6 +60,9 @@ class SegmentStats:
     saved: dict[int, int] = field(default_factory=dict)
     other_bytes_moved: int = 0
     tp_allreduce_bytes: int = 0
+    tp_allreduce_count: int = 0
+    tp_bwd_allreduce_bytes: int = 0
+    tp_bwd_allreduce_count: int = 0
     input_bytes: int = 0
     output_bytes: int = 0
     params_read: set[int] = field(default_factory=set)
@@ -350,6 +353,11 @@ def _module_hooks(rec: _Recorder, blocks: list[nn.Module], block_names: list[str
         def hook(module, args):
             if rec.phase == "forward":
                 rec.tp_stack.append(style)
+                if style == "colwise":
+                    # Its input's gradient is all-reduced in backward (one collective each).
+                    segment = rec.segments[rec.current]
+                    segment.tp_bwd_allreduce_bytes += _boundary_bytes(args, rec.dtype_bytes)
+                    segment.tp_bwd_allreduce_count += 1
         return hook
 
     def tp_hook(style: str) -> Callable:
@@ -360,6 +368,7 @@ def _module_hooks(rec: _Recorder, blocks: list[nn.Module], block_names: list[str
             if style == "rowwise":
                 rec.segments[rec.current].tp_allreduce_bytes += _boundary_bytes(
                     output, rec.dtype_bytes)
+                rec.segments[rec.current].tp_allreduce_count += 1
             return None
         return hook
 

@@ -30,7 +30,8 @@ def gpt_like_profile(num_blocks: int = 6, batch: int = 8, seq: int = 512, hidden
             name=f"blocks.{i}", kind="block", fwd_flops=fwd, bwd_flops=2 * fwd, num_params=params,
             param_bytes=2 * params, grad_bytes=2 * params, optimizer_bytes=12 * params,
             saved_bytes=34 * tokens * h, input_bytes=2 * tokens * hidden, output_bytes=2 * tokens * hidden,
-            gemms=gemms, tp_allreduce_bytes=2 * 2 * tokens * hidden, tp_max_degree=heads,
+            gemms=gemms, tp_allreduce_bytes=2 * 2 * tokens * hidden, tp_allreduce_count=2,
+            tp_bwd_allreduce_bytes=2 * 2 * tokens * hidden, tp_bwd_allreduce_count=2, tp_max_degree=heads,
             other_bytes_moved=20 * tokens * h,
         )
     embed = LayerProfile("embed", "pre", 0.0, 0.0, vocab * hidden, 2 * vocab * hidden, 2 * vocab * hidden,

@@ -62,8 +62,8 @@ def test_dp_equals_bruteforce(name):
     assert dp.info["exact"]
     assert dp.cost.fits and brute.cost.fits
     assert dp.cost.step_time_s == pytest.approx(brute.cost.step_time_s, rel=1e-9, abs=0)
-    # Memory binds: without it the optimum is at least 30% faster.
-    assert dp_search(_roomy(space)).cost.step_time_s < 0.77 * dp.cost.step_time_s
+    # Memory binds: without it the optimum is at least 15% faster.
+    assert dp_search(_roomy(space)).cost.step_time_s < 0.85 * dp.cost.step_time_s
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])

@@ -194,9 +194,12 @@ def test_tensor_parallel_and_links(case):
     assert tp4.stages[0].tp_comm_s > 0 and tp1.stages[0].tp_comm_s == 0
     assert tp4.stages[0].fwd_s < tp1.stages[0].fwd_s
     block = profile.layers[1]
-    per_pass = ring_allreduce_time_s(block.tp_allreduce_bytes * 4 / profile.batch_size, 4, NVLINK.latency_s, NVLINK.bandwidth_bytes_per_s)
-    blocks_share = 2 * 5 * float(per_pass)  # 5 normal blocks (one heavy one counts the same bytes)
-    assert tp4.stages[0].tp_comm_s == pytest.approx(blocks_share + 2 * float(per_pass), rel=1e-9)
+    # Two all-reduces per pass, each of half the block's bytes (and its own latency).
+    assert block.tp_allreduce_count == block.tp_bwd_allreduce_count == 2
+    one = ring_allreduce_time_s(block.tp_allreduce_bytes / 2 * 4 / profile.batch_size, 4, NVLINK.latency_s,
+                                NVLINK.bandwidth_bytes_per_s)
+    # 6 blocks (the heavy one counts the same bytes) x 2 passes x 2 collectives.
+    assert tp4.stages[0].tp_comm_s == pytest.approx(6 * 2 * 2 * float(one), rel=1e-9)
     # Two stages inside one fast node talk over NVLink; across nodes over IB: IB is slower.
     same_node = space.make_plan(Choice(0, (4,), (space.shapes.index((1, 1)),) * 2, 8, "1f1b", (False,) * 8))
     cross = space.make_plan(Choice(0, (4,), (space.shapes.index((4, 1)), space.shapes.index((4, 1))), 8, "1f1b", (False,) * 8))
@@ -258,3 +261,22 @@ def test_memory_baseline_takes_capacity_and_is_reported(case):
     assert with_base.stages[0].memory_bytes - base.stages[0].memory_bytes == pytest.approx(2.0**30)
     assert with_base.stages[0].capacity_bytes == base.stages[0].capacity_bytes
     assert with_base.step_time_s == pytest.approx(base.step_time_s, rel=1e-12)
+
+
+def test_optimizer_update_is_memory_bound_and_fsdp_shards_it(case):
+    profile, cluster, cm, space = case
+    plan = one_stage_plan(space, (4, 1))
+    device = cluster.nodes[0].device
+    moved = sum(2 * (lay.optimizer_bytes + lay.param_bytes) + lay.grad_bytes for lay in profile.layers)
+    replicate = cm.evaluate(plan)
+    # Every replica updates all parameters: Adam reads+writes state and params, reads grads.
+    assert replicate.stages[0].update_s == pytest.approx(moved / device.memory_bandwidth_bytes_per_s, rel=1e-9)
+    assert replicate.step_time_s == pytest.approx(
+        replicate.makespan_s + replicate.dp_sync_s + replicate.stages[0].update_s, rel=1e-12)
+    fsdp = cm.evaluate(replace(plan, data_parallel="fsdp"))
+    # FSDP: a quarter of the bytes per device, plus one all-gather + reduce-scatter latency per
+    # layer unit (= one ring all-reduce's latency, 2 (dp - 1) alpha).
+    per_unit = 2 * 3 * NVLINK.latency_s
+    units = sum(lay.num_params > 0 for lay in profile.layers)
+    assert fsdp.stages[0].update_s == pytest.approx(
+        moved / 4 / device.memory_bandwidth_bytes_per_s + units * per_unit, rel=1e-9)

@@ -311,3 +311,36 @@ def test_launch_refuses_bad_plans_before_starting_processes(tmp_path, capsys):
     assert main([str(fits), "--memory-limit-bytes", "1000", "--out", str(tmp_path / "o")]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "o" / "run_report.json").exists()
+
+
+def test_tensor_parallel_collectives_are_what_the_profile_counts():
+    """The profile's per-block tp collective counts and bytes are what DTensor really issues
+    (one process, a fake 2-rank process group; CommDebugMode counts the collectives)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from dartspar.execute.parallel import apply_tensor_parallel
+    from dartspar.models import build_model
+    from dartspar.models.gpt import Block, GPTConfig
+    from dartspar.profile import profile
+
+    cfg = GPTConfig(num_layers=1, hidden=64, num_heads=4, seq_len=16, vocab_size=32)
+    model = build_model("gpt", num_layers=1, hidden=64, num_heads=4, seq_len=16, vocab_size=32)
+    block_profile = profile(model, model.example_inputs(2, "meta"), dtype_bytes=4).layers[1]
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        torch.manual_seed(0)
+        block = Block(cfg)
+        assert apply_tensor_parallel(block, 1, init_device_mesh("cpu", (2,)))
+        x = torch.randn(2, 16, 64, requires_grad=True)
+        with CommDebugMode() as forward:
+            y = block(x)
+        with CommDebugMode() as backward:
+            y.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert forward.get_total_counts() == block_profile.tp_allreduce_count == 2
+    assert backward.get_total_counts() == block_profile.tp_bwd_allreduce_count == 4
+    assert set(map(str, backward.get_comm_counts())) == {"c10d_functional.all_reduce"}

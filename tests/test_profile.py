@@ -121,6 +121,10 @@ def test_gpt_block_gemms_and_tensor_parallel_facts():
         GemmShape(m=tokens, n=h, k=4 * h, tp_split="k"),  # mlp proj
     }
     assert block.tp_allreduce_bytes == 2 * B * s * h * 2
+    # DTensor all-reduces each column-parallel module's input gradient on its own: q, k, v, fc
+    # (tests/test_execute_units.py counts what DTensor issues).
+    assert block.tp_allreduce_count == 2
+    assert block.tp_bwd_allreduce_count == 4 and block.tp_bwd_allreduce_bytes == 4 * B * s * h * 2
     assert block.tp_max_degree == H
     embed, head = prof.layers[0], prof.layers[-1]
     assert embed.gemms == () and embed.tp_max_degree == 1 and embed.tp_allreduce_bytes == 0

@@ -30,7 +30,8 @@ class ComputeTables:
 
     fwd_compute_s: torch.Tensor
     bwd_compute_s: torch.Tensor
-    tp_comm_s: torch.Tensor  # per pass: forward all-reduces; the backward repeats the same volume
+    tp_fwd_comm_s: torch.Tensor  # the forward pass's tensor-parallel all-reduces
+    tp_bwd_comm_s: torch.Tensor  # the backward pass's
 
 
 def tp_degree(layer: LayerProfile, tp: int) -> int:
@@ -75,7 +76,8 @@ def compute_tables(
     calibrated = getattr(estimator, "layer_time_s", None)
     fwd = torch.zeros(num_u, num_c, dtype=torch.float64)
     bwd = torch.zeros(num_u, num_c, dtype=torch.float64)
-    tp_comm = torch.zeros(num_u, num_c, dtype=torch.float64)
+    tp_fwd = torch.zeros(num_u, num_c, dtype=torch.float64)
+    tp_bwd = torch.zeros(num_u, num_c, dtype=torch.float64)
 
     for c, config in enumerate(configs):
         if micro_batch_size % config.dp:
@@ -109,10 +111,13 @@ def compute_tables(
             fwd[u, c] += rest_f * rate_s_per_flop + mem_s
             bwd[u, c] += rest_b * rate_s_per_flop + 2 * mem_s  # grads of elementwise ops read+write twice
             if tp > 1:
-                tp_comm[u, c] = ring_allreduce_time_s(
-                    scaled.tp_allreduce_bytes, tp, config.tp_link.latency_s,
-                    config.tp_link.bandwidth_bytes_per_s,
-                )
+                link = config.tp_link
+                # Every collective pays the link latency: count x (one of the mean size).
+                for out, volume, count in ((tp_fwd, scaled.tp_allreduce_bytes, scaled.tp_allreduce_count),
+                                           (tp_bwd, scaled.tp_bwd_allreduce_bytes, scaled.tp_bwd_allreduce_count)):
+                    if count:
+                        out[u, c] = count * ring_allreduce_time_s(
+                            volume / count, tp, link.latency_s, link.bandwidth_bytes_per_s)
         for rows, owner, out in ((rows_f, owner_f, fwd), (rows_b, owner_b, bwd)):
             if not rows:
                 continue
@@ -132,4 +137,25 @@ def compute_tables(
                 layer_fb = calibrated(kernels_f + kernels_b, gemm_calls[u], device, backward=True)
                 fwd[u, c], bwd[u, c] = layer_f, layer_fb - layer_f
     index = torch.tensor(layer_index)
-    return ComputeTables(fwd[index], bwd[index], tp_comm[index])
+    return ComputeTables(fwd[index], bwd[index], tp_fwd[index], tp_bwd[index])
+
+
+def optimizer_tables(
+    profile: ModelProfile, configs: Sequence[StageConfig], data_parallel: str, estimator: LatencyEstimator
+) -> torch.Tensor:
+    """(L, C) float64 seconds of the optimizer step on each layer's parameters on one device.
+
+    The update is memory-bound: it reads and writes the optimizer state and the parameters and
+    reads the gradients (Adam with fp32 state: 28-30 bytes per parameter), once per step, on
+    the device's shard: split by the layer's tensor-parallel degree and, under FSDP, by dp.
+    """
+    out = torch.zeros(profile.num_layers, len(configs), dtype=torch.float64)
+    for c, config in enumerate(configs):
+        device = config.group.device
+        for i, layer in enumerate(profile.layers):
+            if not layer.num_params:
+                continue
+            moved = 2 * (layer.optimizer_bytes + layer.param_bytes) + layer.grad_bytes
+            shard = tp_degree(layer, config.tp) * (config.dp if data_parallel == "fsdp" else 1)
+            out[i, c] = estimator.memory_time_s(moved / shard, device)
+    return out

@@ -10,12 +10,12 @@ when the rows are one-hot: ``CostModel.evaluate(plan)`` builds exactly that one-
 the baselines, the search and the executor's predicted column share every formula.
 
 Step time = pipeline makespan (GPipe / 1F1B closed form, ``schedule.py``) + the slowest stage's
-gradient synchronisation, which starts after the stage's last backward and is not overlapped,
-+ a fixed per-step overhead. Every stage also pays a fixed overhead per micro-batch and pass
+gradient synchronisation and optimizer update, which start after the stage's last backward and
+are not overlapped, + a fixed per-step overhead. Every stage also pays a fixed overhead per micro-batch and pass
 (kernel launches, the pipelining runtime): both overheads are 0 unless calibrated
 (``dartspar.calibrate``), since on GPUs they are small and on CPU they are machine-specific.
-Not modelled: the optimizer update itself (memory-bound, ~1% of a GPU step; absorbed by the
-calibrated per-step overhead).
+The optimizer update is memory-bound (``compute.optimizer_tables``); under FSDP every layer
+is its own unit, so every layer adds the latency of one all-gather and one reduce-scatter.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..cluster import Cluster, Link
 from ..plan import Plan, PlanError
 from ..profile import ModelProfile
 from .comm import hierarchical_allreduce_time_s, ring_allreduce_time_s
-from .compute import ComputeTables, compute_tables
+from .compute import ComputeTables, compute_tables, optimizer_tables
 from .groups import StageConfig, group_class
 from .latency import LatencyEstimator, make_estimator
 from .memory import MemoryTables, memory_tables, stage_memory_bytes
@@ -64,6 +64,9 @@ class LayerTables:
     capacity_bytes: torch.Tensor  # (C,)
     sync_alpha_s: torch.Tensor  # (C,) latency part of the gradient synchronisation
     sync_beta_s_per_byte: torch.Tensor  # (C,) seconds per payload byte
+    # (L, C) seconds each layer adds once per step after its stage's last backward, on one
+    # device: its optimizer update and, under FSDP with dp > 1, its unit's collective latency.
+    step_layer_s: torch.Tensor
 
 
 @dataclass
@@ -108,6 +111,7 @@ class RelaxedCost:
     bwd_compute_s: torch.Tensor
     recompute_s: torch.Tensor
     tp_comm_s: torch.Tensor  # (p,) per micro-batch, forward + backward
+    update_s: torch.Tensor  # (p,) per step: optimizer update (+ FSDP per-layer latency)
     p2p_s: torch.Tensor  # (p,) one way per micro-batch to the next stage (0 for the last)
     dp_sync_s: torch.Tensor  # (p,)
     memory_bytes: torch.Tensor  # (p, C) per-device bytes under each config
@@ -136,10 +140,11 @@ def relaxed_cost(
 
     fwd_compute = per_stage(ct.fwd_compute_s)
     bwd_compute = per_stage(ct.bwd_compute_s)
-    tp_fwd = per_stage(ct.tp_comm_s)
-    recompute = per_stage(R[:, None] * (ct.fwd_compute_s + ct.tp_comm_s))
+    tp_fwd = per_stage(ct.tp_fwd_comm_s)
+    tp_bwd = per_stage(ct.tp_bwd_comm_s)
+    recompute = per_stage(R[:, None] * (ct.fwd_compute_s + ct.tp_fwd_comm_s))
     fwd = fwd_compute + tp_fwd + stage_overhead_s
-    bwd = bwd_compute + tp_fwd + recompute + stage_overhead_s
+    bwd = bwd_compute + tp_bwd + recompute + stage_overhead_s
 
     # Stage-to-stage transfer: the last layer's output, each replica sending its shard.
     lat = torch.tensor([link.latency_s for link in soft.links], dtype=torch.float64)
@@ -157,8 +162,10 @@ def relaxed_cost(
     sync = (Q * (tables.sync_alpha_s + payload * tables.sync_beta_s_per_byte)).sum(-1)
     sync = torch.where(Q @ (tables.dp > 1).double() > 0, sync, torch.zeros_like(sync))
 
+    update = per_stage(tables.step_layer_s)
+
     makespan = pipeline_makespan_s(fwd, bwd, p2p, soft.num_microbatches, soft.schedule, smooth_s)
-    step = makespan + smooth_max(sync, smooth_s) + step_overhead_s
+    step = makespan + smooth_max(sync + update, smooth_s) + step_overhead_s
 
     inflight = inflight_microbatches(num_stages, soft.num_microbatches, soft.schedule)
     memory = stage_memory_bytes(W, R, inflight, tables.memory)
@@ -166,7 +173,7 @@ def relaxed_cost(
     return RelaxedCost(
         step_time_s=step, makespan_s=makespan, fwd_s=fwd, bwd_s=bwd,
         fwd_compute_s=fwd_compute, bwd_compute_s=bwd_compute, recompute_s=recompute,
-        tp_comm_s=2 * tp_fwd, p2p_s=p2p, dp_sync_s=sync, memory_bytes=memory,
+        tp_comm_s=tp_fwd + tp_bwd, update_s=update, p2p_s=p2p, dp_sync_s=sync, memory_bytes=memory,
         expected_memory_bytes=(Q * memory).sum(-1), overflow_bytes=overflow, inflight=inflight,
     )
 
@@ -185,6 +192,7 @@ class StageCost:
     tp_comm_s: float
     p2p_s: float
     dp_sync_s: float  # per step
+    update_s: float  # per step: optimizer update (+ FSDP per-layer latency)
     memory_bytes: float  # per device
     capacity_bytes: float
     inflight_microbatches: int
@@ -314,6 +322,10 @@ class CostModel:
         tp = torch.tensor([c.tp for c in configs], dtype=torch.float64)
         tp_eff = torch.where(self._tp_splits[:, None], tp[None, :], torch.ones_like(tp)[None, :])
         alpha, beta = zip(*(self._sync_coefficients(c) for c in configs))
+        step_layer = optimizer_tables(self.profile, configs, data_parallel, self.estimator)
+        if data_parallel == "fsdp":
+            has_params = torch.tensor([lay.num_params > 0 for lay in self.profile.layers])
+            step_layer = step_layer + has_params[:, None] * torch.tensor(alpha, dtype=torch.float64)[None, :]
         scale = micro_batch_size / self.profile.batch_size
         return LayerTables(
             configs=configs,
@@ -332,6 +344,7 @@ class CostModel:
             ),
             sync_alpha_s=torch.tensor(alpha, dtype=torch.float64),
             sync_beta_s_per_byte=torch.tensor(beta, dtype=torch.float64),
+            step_layer_s=step_layer,
         )
 
     @staticmethod
@@ -429,7 +442,7 @@ class CostModel:
                 tp=stage.tp, fwd_s=float(exact.fwd_s[k]), bwd_s=float(exact.bwd_s[k]),
                 recompute_s=float(exact.recompute_s[k]), tp_comm_s=float(exact.tp_comm_s[k]),
                 p2p_s=float(exact.p2p_s[k]), dp_sync_s=float(exact.dp_sync_s[k]),
-                memory_bytes=mem, capacity_bytes=float(cfg.group.memory_bytes),
+                update_s=float(exact.update_s[k]), memory_bytes=mem, capacity_bytes=float(cfg.group.memory_bytes),
                 inflight_microbatches=int(exact.inflight[k]),
             ))
         slowest = float((exact.fwd_s + exact.bwd_s).max())
@@ -451,6 +464,7 @@ class CostModel:
                 "tp_comm_s": m * float(exact.tp_comm_s.max()),
                 "p2p_s": 2 * float(exact.p2p_s.sum()),
                 "dp_sync_s": float(exact.dp_sync_s.max()),
+                "update_s": float(exact.update_s.max()),
                 "makespan_s": float(exact.makespan_s),
             },
         )

@@ -31,7 +31,7 @@ import torch
 from ..cost.model import RelaxedCost
 from ..plan import PlanError
 from ..space import Choice, SearchSpace
-from .fastcost import ExactEvaluator
+from .fastcost import BWD, FWD, TP_BWD, TP_FWD, ExactEvaluator
 from .strategy import Branch, StrategyMatrix
 
 __all__ = [
@@ -311,7 +311,7 @@ def balance_cuts(ev: ExactEvaluator, choice: Choice) -> Choice:
     P = ev.prefix[mi]
     RP = ev.recompute_prefix(mi, choice.recompute)
     # (L+1, p) prefix of each stage's per-layer time under that stage's config.
-    prefix = P[:, cfg] + P[:, C + cfg] + 2 * P[:, 2 * C + cfg] + RP[:, cfg]
+    prefix = sum(P[:, col * C + cfg] for col in (FWD, BWD, TP_FWD, TP_BWD)) + RP[:, cfg]
     lo, hi = 0.0, float((prefix[-1] - prefix[0]).max())
 
     def fill(bound: float) -> tuple[int, ...] | None:

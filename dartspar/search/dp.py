@@ -1,7 +1,7 @@
 """Exact inter-operator dynamic program (PipeDream / Alpa) over the shared search space.
 
-Step time = pipeline makespan + the slowest stage's gradient synchronisation + a fixed per-step
-overhead. With the closed forms of ``cost/schedule.py`` (``makespan_terms`` restates them) a plan
+Step time = pipeline makespan + the slowest stage's gradient synchronisation and optimizer
+update ("sync" below) + a fixed per-step overhead. With the closed forms of ``cost/schedule.py`` (``makespan_terms`` restates them) a plan
 of p stages costs an *additive* part, a sum of per-stage terms,
 
     A = sum_k (f_k + b_k) + kappa * sum_{k<p-1} c_k          (c_k = p2p from stage k to k+1)
@@ -386,8 +386,9 @@ def _order_tensors(space: SearchSpace, order: int, m: int, layer_group: int, nr:
     t = space.tables(m)
     ct, mt = t.compute, t.memory
     per_layer = {
-        "fwd": ct.fwd_compute_s + ct.tp_comm_s,
-        "bwd": ct.bwd_compute_s + ct.tp_comm_s,
+        "fwd": ct.fwd_compute_s + ct.tp_fwd_comm_s,
+        "bwd": ct.bwd_compute_s + ct.tp_bwd_comm_s,
+        "update": t.step_layer_s,
         "grad": t.grad_bytes,
         "param": t.param_bytes,
         "state": mt.state_bytes,
@@ -432,7 +433,7 @@ def _make_branch(space: SearchSpace, base: _OrderTensors, schedule: str, act: st
     if space.options.data_parallel == "fsdp":
         payload = 0.5 * (payload + s["param"])
     sync = t.sync_alpha_s.numpy()[conf][None, :] + payload * t.sync_beta_s_per_byte.numpy()[conf][None, :]
-    sync = np.where((dp > 1)[None, :], sync, 0.0)[None]
+    sync = (np.where((dp > 1)[None, :], sync, 0.0) + s["update"])[None]
 
     # Memory: state + inflight * activations must fit; inflight depends on stages-from-end k.
     acts = np.stack([s["input"] if x else s["saved"] for x in rec])  # (NR, R, Q)

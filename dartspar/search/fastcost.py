@@ -37,17 +37,22 @@ from ..space import Choice, SearchSpace
 
 __all__ = [
     "StackedTables", "BatchedCost", "batched_soft_configs", "batched_relaxed_cost",
-    "last_layer_probs", "ExactEvaluator", "ExactCost",
+    "last_layer_probs", "ExactEvaluator", "ExactCost", "LIN",
 ]
+
+# The per-layer tables that sum linearly over a stage's layers, in ``StackedTables.lin`` order.
+LIN = ("fwd", "bwd", "tp_fwd", "tp_bwd", "state", "saved", "input", "grad", "param", "update")
+NLIN = len(LIN)
+FWD, BWD, TP_FWD, TP_BWD, STATE, SAVED, INPUT, GRAD, PARAM, UPDATE = range(NLIN)
 
 
 @dataclass(frozen=True, eq=False)
 class StackedTables:
     """``space.tables(m)`` for every m of ``space.microbatch_counts``; M = number of m values.
 
-    Tensors (torch, float64): ``lin`` (M, L, 8C) = [fwd, bwd, tp, state, saved, input, grad,
-    param] per layer and config; ``rec`` (M, L, 3C) = [fwd + tp, saved, input] (the terms
-    that recomputation weights); ``output_bytes`` (M, L); ``dp``, ``capacity_bytes``,
+    Tensors (torch, float64): ``lin`` (M, L, NLIN C) = the ``LIN`` columns (fwd, bwd, tp_fwd,
+    tp_bwd, state, saved, input, grad, param, update) per layer and config; ``rec`` (M, L, 3C)
+    = [fwd + tp_fwd, saved, input] (the terms that recomputation weights); ``output_bytes`` (M, L); ``dp``, ``capacity_bytes``,
     ``sync_alpha_s``, ``sync_beta_s_per_byte`` (M, C); ``m`` (M,) the micro-batch counts.
     """
 
@@ -64,7 +69,7 @@ class StackedTables:
 
     @cached_property
     def lin_flat(self) -> torch.Tensor:
-        """``lin`` as (L, M * 8C)."""
+        """``lin`` as (L, M * NLIN C)."""
         return self.lin.permute(1, 0, 2).reshape(self.lin.shape[1], -1).contiguous()
 
     @cached_property
@@ -87,9 +92,10 @@ class StackedTables:
         for m in space.microbatch_counts:
             t = space.tables(m)
             ct, mt = t.compute, t.memory
-            lin.append(torch.cat([ct.fwd_compute_s, ct.bwd_compute_s, ct.tp_comm_s, mt.state_bytes,
-                                  mt.saved_bytes, mt.input_bytes, t.grad_bytes, t.param_bytes], dim=1))
-            rec.append(torch.cat([ct.fwd_compute_s + ct.tp_comm_s, mt.saved_bytes, mt.input_bytes], dim=1))
+            lin.append(torch.cat([ct.fwd_compute_s, ct.bwd_compute_s, ct.tp_fwd_comm_s, ct.tp_bwd_comm_s,
+                                  mt.state_bytes, mt.saved_bytes, mt.input_bytes, t.grad_bytes, t.param_bytes,
+                                  t.step_layer_s], dim=1))
+            rec.append(torch.cat([ct.fwd_compute_s + ct.tp_fwd_comm_s, mt.saved_bytes, mt.input_bytes], dim=1))
             out.append(t.output_bytes)
             dp.append(t.dp)
             cap.append(t.capacity_bytes)
@@ -246,13 +252,13 @@ def batched_relaxed_cost(
     C = tables.num_configs
     M = Q.shape[1]
     # One 2-D product per table family: (O p, L) @ (L, M kC) is much cheaper than a batched one.
-    lin = (W.reshape(O * p, L) @ tables.lin_flat).view(O, p, M, 8, C).transpose(1, 2)  # (O, M, p, 8, C)
+    lin = (W.reshape(O * p, L) @ tables.lin_flat).view(O, p, M, NLIN, C).transpose(1, 2)  # (O, M, p, NLIN, C)
     rec = ((W * R[:, None, :]).reshape(O * p, L) @ tables.rec_flat).view(O, p, M, 3, C).transpose(1, 2)
-    per_stage = (lin[..., :3, :] * Q[..., None, :]).sum(-1)  # fwd, bwd, tp: (O, M, p, 3)
-    fwd_compute, bwd_compute, tp_fwd = per_stage.unbind(-1)
+    per_stage = (lin[..., :4, :] * Q[..., None, :]).sum(-1)  # fwd, bwd, tp_fwd, tp_bwd: (O, M, p, 4)
+    fwd_compute, bwd_compute, tp_fwd, tp_bwd = per_stage.unbind(-1)
     recompute_s = (rec[..., 0, :] * Q).sum(-1)
     fwd = fwd_compute + tp_fwd + stage_overhead_s
-    bwd = bwd_compute + tp_fwd + recompute_s + stage_overhead_s
+    bwd = bwd_compute + tp_bwd + recompute_s + stage_overhead_s
 
     # (O, p, L) @ (L, M) -> (O, p, M) -> (O, M, p)
     sent_bytes = (last_layer_probs(W) @ tables.output_bytes.t()).transpose(1, 2) * act_bytes_factor
@@ -260,11 +266,12 @@ def batched_relaxed_cost(
     p2p = link_probs @ links_latency_s + sent_bytes * (link_probs @ links_inv_bw_s_per_byte) * inv_dp
     p2p = torch.cat([p2p[..., :-1], torch.zeros_like(p2p[..., -1:])], dim=-1)
 
-    grad_payload = lin[..., 6, :] * grad_bytes_factor
-    payload = 0.5 * (grad_payload + lin[..., 7, :]) if data_parallel == "fsdp" else grad_payload
+    grad_payload = lin[..., GRAD, :] * grad_bytes_factor
+    payload = 0.5 * (grad_payload + lin[..., PARAM, :]) if data_parallel == "fsdp" else grad_payload
     sync = (Q * (tables.sync_alpha_s[:, None, :] + payload * tables.sync_beta_s_per_byte[:, None, :])).sum(-1)
     multi = (Q * (tables.dp > 1).double()[:, None, :]).sum(-1)
     sync = torch.where(multi > 0, sync, torch.zeros_like(sync))
+    after_backward = sync + (lin[..., UPDATE, :] * Q).sum(-1)
 
     if smooth_rel is None:
         scale = torch.ones(O, M, 1, dtype=W.dtype)
@@ -274,10 +281,10 @@ def batched_relaxed_cost(
         # so a per-(order, m) temperature is a rescaling of the inputs with one temperature.
         scale = (fwd + bwd).mean(-1, keepdim=True).detach().clamp(min=1e-30)
         temperature = smooth_rel
-    sync_max = smooth_max(sync / scale, temperature) * scale[..., 0]
+    sync_max = smooth_max(after_backward / scale, temperature) * scale[..., 0]
 
-    state = lin[..., 3, :]  # (O, M, p, C)
-    per_mb = lin[..., 4, :] - rec[..., 1, :] + rec[..., 2, :]
+    state = lin[..., STATE, :]  # (O, M, p, C)
+    per_mb = lin[..., SAVED, :] - rec[..., 1, :] + rec[..., 2, :]
     capacity = tables.capacity_bytes[:, None, :]  # (M, 1, C)
     steps, overflow, memory = [], [], []
     for schedule in schedules:
@@ -336,7 +343,7 @@ class ExactEvaluator:
         self.C = tables.num_configs
         self.m_index = {m: i for i, m in enumerate(tables.microbatch_counts)}
         lin = tables.lin.numpy()
-        self.prefix = np.concatenate([np.zeros_like(lin[:, :1]), np.cumsum(lin, axis=1)], axis=1)  # (M, L+1, 8C)
+        self.prefix = np.concatenate([np.zeros_like(lin[:, :1]), np.cumsum(lin, axis=1)], axis=1)  # (M, L+1, NLIN C)
         self.rec = tables.rec.numpy()  # (M, L, 3C)
         self.output_bytes = tables.output_bytes.numpy()
         self.dp = tables.dp.numpy()
@@ -403,13 +410,13 @@ class ExactEvaluator:
         if (ends <= starts).any():
             return INVALID
         P = self.prefix[mi]
-        cols = np.arange(8)[None, :] * C + cfg[:, None]  # (p, 8)
-        sums = P[ends[:, None], cols] - P[starts[:, None], cols]  # (p, 8)
+        cols = np.arange(NLIN)[None, :] * C + cfg[:, None]  # (p, NLIN)
+        sums = P[ends[:, None], cols] - P[starts[:, None], cols]  # (p, NLIN)
         RP = self.recompute_prefix(mi, choice.recompute)
         rcols = np.arange(3)[None, :] * C + cfg[:, None]
         rsums = RP[ends[:, None], rcols] - RP[starts[:, None], rcols]  # (p, 3)
-        fwd = sums[:, 0] + sums[:, 2] + self.stage_overhead_s
-        bwd = sums[:, 1] + sums[:, 2] + rsums[:, 0] + self.stage_overhead_s
+        fwd = sums[:, FWD] + sums[:, TP_FWD] + self.stage_overhead_s
+        bwd = sums[:, BWD] + sums[:, TP_BWD] + rsums[:, 0] + self.stage_overhead_s
         dp = self.dp[mi, cfg]
         if p > 1:
             links = self.link_index[choice.order][offsets[1:-1]]
@@ -417,9 +424,9 @@ class ExactEvaluator:
             comm = self.lat[links] + sent * self.inv_bw[links] / dp[:-1]
         else:
             comm = np.zeros(0)
-        grad = sums[:, 6] * self.grad_factor[choice.gradient_precision]
-        payload = 0.5 * (grad + sums[:, 7]) if self.fsdp else grad
-        sync = np.where(dp > 1, self.alpha[mi, cfg] + payload * self.beta[mi, cfg], 0.0)
+        grad = sums[:, GRAD] * self.grad_factor[choice.gradient_precision]
+        payload = 0.5 * (grad + sums[:, PARAM]) if self.fsdp else grad
+        sync = np.where(dp > 1, self.alpha[mi, cfg] + payload * self.beta[mi, cfg], 0.0) + sums[:, UPDATE]
         # cost.schedule.pipeline_makespan_s, one-hot.
         base = fwd.sum() + bwd.sum() + 2 * comm.sum()
         if choice.schedule == "gpipe":
@@ -431,7 +438,7 @@ class ExactEvaluator:
             slow = (fwd + bwd).max()
             inflight = np.minimum(p - np.arange(p), m).astype(np.float64)
         step = base + (m - 1) * slow + sync.max() + self.step_overhead_s
-        memory = sums[:, 3] + inflight * (sums[:, 4] - rsums[:, 1] + rsums[:, 2])
+        memory = sums[:, STATE] + inflight * (sums[:, SAVED] - rsums[:, 1] + rsums[:, 2])
         return ExactCost(float(step), memory, self.cap[mi, cfg], True)
 
     # ------------------------------------------------------------------- recompute helpers
@@ -469,7 +476,7 @@ class ExactEvaluator:
         rec = self.rec[mi]
         for k in range(p):
             a, b, c = starts[k], ends[k], cfg[k]
-            state = P[b, 3 * C + c] - P[a, 3 * C + c]
+            state = P[b, STATE * C + c] - P[a, STATE * C + c]
             saved = rec[a:b, C + c]
             inputs = rec[a:b, 2 * C + c]
             need = state + inflight[k] * saved.sum() - self.cap[mi, c]
