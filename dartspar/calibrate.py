@@ -12,7 +12,9 @@ its intra-node link:
 - ``intra_link_latency_s`` / ``intra_link_bandwidth_bytes_per_s``: the alpha-beta figures of
   the link between devices of a node (for CPU processes: gloo over loopback);
 - ``stage_overhead_s`` / ``step_overhead_s``: the cost model's fixed overheads per stage,
-  micro-batch and pass, and per step,
+  micro-batch and pass, and per step;
+- ``recompute_overhead_s``: fixed seconds per recomputed layer and micro-batch (the checkpoint
+  wrapper's bookkeeping, ~1.5 ms on a CPU core; fitted only when a plan recomputes),
 
 by minimizing the mean absolute percentage error (MAPE) of the predicted step time, in
 log-space (every parameter is positive and they span ten orders of magnitude), with searches
@@ -90,6 +92,7 @@ _BOUNDS = {
     "intra_link_bandwidth_bytes_per_s": (1e5, 1e14),
     "stage_overhead_s": (1e-9, 10.0),
     "step_overhead_s": (1e-9, 100.0),
+    "recompute_overhead_s": (1e-9, 10.0),
 }
 # Starting points of the search, as factors on the initial device figures: the catalogue's CPU
 # entry can be an order of magnitude off a busy host, and the search must not start on the
@@ -104,7 +107,8 @@ DEFAULT_STARTS = (
 )
 # Starting overheads when the cluster has no calibration: the log-space search cannot start
 # at 0; these are below anything a CPU run measures and far above GPU launch latencies.
-_START_OVERHEAD_S = {"stage_overhead_s": 1e-4, "step_overhead_s": 1e-3}
+_START_OVERHEAD_S = {"stage_overhead_s": 1e-4, "step_overhead_s": 1e-3, "recompute_overhead_s": 1e-4}
+_OVERHEADS = tuple(_START_OVERHEAD_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,12 +125,13 @@ class CalibrationParams:
     intra_link_bandwidth_bytes_per_s: float
     stage_overhead_s: float
     step_overhead_s: float
+    recompute_overhead_s: float
 
     def as_dict(self) -> dict[str, float]:
         """Flat ``{name: value}``, dtype peaks as ``peak_scale.<dtype>`` (the fit's names)."""
         out = {f"peak_scale.{d}": float(v) for d, v in sorted(self.peak_scale.items())}
         for name in ("memory_bandwidth_scale", "intra_link_latency_s",
-                     "intra_link_bandwidth_bytes_per_s", "stage_overhead_s", "step_overhead_s"):
+                     "intra_link_bandwidth_bytes_per_s", *_OVERHEADS):
             out[name] = float(getattr(self, name))
         return out
 
@@ -211,8 +216,7 @@ def apply_calibration(
     )
     new_link = Link(link.kind, params.intra_link_latency_s, params.intra_link_bandwidth_bytes_per_s)
     nodes = tuple(Node(n.name, new_device, n.num_devices, new_link) for n in cluster.nodes)
-    calibration = {"stage_overhead_s": float(params.stage_overhead_s),
-                   "step_overhead_s": float(params.step_overhead_s)}
+    calibration = {name: float(getattr(params, name)) for name in _OVERHEADS}
     if memory_baseline_bytes is not None:
         calibration["memory_baseline_bytes"] = float(memory_baseline_bytes)
     return Cluster(name=name or cluster.name, nodes=nodes, inter_link=cluster.inter_link,
@@ -364,6 +368,15 @@ class _MemoEstimator:
         self.inner = inner
         self.name = inner.name
         self._cache: dict = {}
+        if getattr(inner, "layer_time_s", None) is not None:
+            # compute_tables applies a table-backed estimator's whole-layer calibration when
+            # the estimator has one: so must this wrapper, or the fit would see other tables
+            # than the cost model it calibrates.
+            self.layer_time_s = self._layer_time_s
+
+    def _layer_time_s(self, kernels_s, gemm_calls, device, backward):
+        key = ("layer", self._tensor_key(kernels_s), gemm_calls, self._device_key(device), backward)
+        return self._remember(key, lambda: self.inner.layer_time_s(kernels_s, gemm_calls, device, backward=backward))
 
     @staticmethod
     def _device_key(device) -> tuple:
@@ -438,13 +451,16 @@ class _StepTimePredictor:
         self.table_builds = 0
 
     def _one_hots(self, params: CalibrationParams) -> list:
+        # The recompute overhead lives in the tables (the other overheads are added below).
         key = (tuple(sorted(params.peak_scale.items())), params.memory_bandwidth_scale,
-               params.intra_link_latency_s, params.intra_link_bandwidth_bytes_per_s)
+               params.intra_link_latency_s, params.intra_link_bandwidth_bytes_per_s,
+               params.recompute_overhead_s)
         if key not in self._cache:
             if len(self._cache) > 64:  # the search revisits only its latest points
                 self._cache.pop(next(iter(self._cache)))
             cm = CostModel(self.profile, apply_calibration(self.cluster, params), self.estimator,
-                           compute_dtype=self.compute_dtype, stage_overhead_s=0.0, step_overhead_s=0.0)
+                           compute_dtype=self.compute_dtype, stage_overhead_s=0.0, step_overhead_s=0.0,
+                           recompute_overhead_s=params.recompute_overhead_s)
             with warnings.catch_warnings():
                 # A table-backed estimator warns that the calibrated device is scaled from its
                 # table: that is the point here (see ``calibration_base``).
@@ -679,6 +695,8 @@ def _exercised(name: str, plans: Sequence[Plan]) -> bool:
     """Whether any plan's predicted time depends on parameter ``name`` structurally."""
     if name in ("intra_link_latency_s", "intra_link_bandwidth_bytes_per_s"):
         return any(p.num_stages > 1 or any(s.dp > 1 or s.tp > 1 for s in p.stages) for p in plans)
+    if name == "recompute_overhead_s":
+        return any(any(s.recompute) for p in plans for s in p.stages)
     return True
 
 
@@ -881,7 +899,7 @@ def write_cluster_profile(
 
     The cluster part is ``Cluster.to_dict()`` (the schema of ``conf/cluster/*.yaml``; the
     calibrated device overrides the catalogue entry of the same name). ``calibration`` holds
-    ``stage_overhead_s``, ``step_overhead_s`` and ``memory_baseline_bytes`` (what the cost model
+    ``stage_overhead_s``, ``step_overhead_s``, ``recompute_overhead_s`` and ``memory_baseline_bytes`` (what the cost model
     reads), the fitted factors relative to ``base_cluster``, the fit quality ("fit"; ``extra``
     entries are added to it, e.g. held-out figures), and date, host, torch and Python versions.
     """

@@ -522,7 +522,7 @@ def search_app(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     except TypeError as err:
         raise ConfigError(f"space: {err}") from None
     method = cfg.search.method
-    dtype_option = _search_dtype_option(cost_model)
+    dtype_option = {"compute_dtype": cost_model.compute_dtype}
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = make_logger(
         cfg.logger, resolved, out_dir, name=f"{method}-{model_label}-{cluster.name}",
@@ -580,24 +580,6 @@ def search_app(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         }
     finally:
         logger.finish()
-
-
-def _search_dtype_option(cost_model) -> dict:
-    """``{"compute_dtype": ...}`` for ``search()`` if it takes one; {} for the default (null)
-    dtype; a ConfigError for an explicit dtype that ``search()`` cannot take."""
-    import inspect
-
-    from .search.api import search
-
-    if "compute_dtype" in inspect.signature(search).parameters:
-        return {"compute_dtype": cost_model.compute_dtype}
-    if cost_model.compute_dtype is None:
-        return {}
-    raise ConfigError(
-        f"cost.compute_dtype={cost_model.compute_dtype!r} cannot be searched: "
-        "dartspar.search.api.search builds its cost model with the default (per-device) dtype "
-        "and takes no compute dtype; leave cost.compute_dtype null for dartspar-search"
-    )
 
 
 def _run_baselines(cfg, profile, cluster, cost_model, space, method: str, dtype_option: dict) -> list[dict]:

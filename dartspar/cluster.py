@@ -350,7 +350,7 @@ _YamlLoader.add_implicit_resolver(
 _TOP_KEYS = {"name": True, "nodes": True, "inter_link": True, "devices": False, "description": False,
              "calibration": False}
 # Calibration figures the cost model reads; other calibration keys are fit metadata, kept as is.
-_CALIBRATION_NUMBERS = ("stage_overhead_s", "step_overhead_s", "memory_baseline_bytes")
+_CALIBRATION_NUMBERS = ("stage_overhead_s", "step_overhead_s", "recompute_overhead_s", "memory_baseline_bytes")
 _NODE_KEYS = {"device": True, "devices_per_node": True, "intra_link": True, "count": False, "name": False}
 _LINK_KEYS = ("kind", "latency_s", "bandwidth_bytes_per_s")
 _DEVICE_KEYS = ("peak_flops_per_s", "memory_bytes", "memory_bandwidth_bytes_per_s")

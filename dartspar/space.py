@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
@@ -388,20 +387,3 @@ class SearchSpace:
         b = self.options.global_batch_size // num_microbatches
         usable = [c if b % c.dp == 0 else StageConfig(c.group, 1, c.group.num_devices) for c in self.configs]
         return self.cost_model.tables(usable, b, self.options.data_parallel)
-
-    @cached_property
-    def size(self) -> int:
-        """Rough count of discrete plans (for progress/reporting)."""
-        total = 0
-        for p in self.stage_counts:
-            cuts = _comb(self.num_layers - 1, p - 1)
-            total += cuts * len(self.shapes) ** p
-        rec = 2 ** self.num_layers if self.options.recompute == "layer" else 2
-        return total * len(self.orders) * len(self.microbatch_counts) * len(self.options.schedules) * rec
-
-
-def _comb(n: int, k: int) -> int:
-    from math import comb
-
-    return comb(n, k)
-

@@ -206,3 +206,23 @@ def test_dp_layer_groups_and_size_guard():
     assert grouped.cost.step_time_s >= exact.cost.step_time_s * (1 - 1e-12)
     with pytest.raises(ValueError, match="raise dp.layer_group"):
         dp_search(space, max_elements=100)
+
+
+def test_api_plan_names_the_builtin_model_for_the_executor_and_takes_a_compute_dtype():
+    from dartspar.cluster import load_cluster
+    from dartspar.execute.checks import model_spec
+    from dartspar.models import build_model
+    from dartspar.profile import profile as profile_model
+
+    config = {"num_layers": 2, "hidden": 1024, "num_heads": 16, "seq_len": 512, "vocab_size": 1024}
+    model = build_model("gpt", **config)
+    prof = profile_model(model, model.example_inputs(8, "meta"), name="tiny-gpt")
+    cluster = load_cluster("h100x8")
+    options = {"stage_counts": [1, 2], "microbatch_counts": [1, 2], "tp_degrees": [1], "schedules": ["1f1b"]}
+    bf16 = search(prof, cluster, "dp", space=options, progress=False)
+    name, built = model_spec(bf16.plan)
+    assert (name, built) == ("gpt", {**built, **config}) and bf16.plan.meta["model_label"] == "tiny-gpt"
+    fp32 = search(prof, cluster, "dp", space=options, compute_dtype="fp32", progress=False)
+    # H100 fp32 peak is ~15x below bf16: the same space costs more in fp32.
+    assert fp32.cost.step_time_s > 1.5 * bf16.cost.step_time_s
+    assert search(gpt_like_profile(2), mixed_cluster(), "dp", space=options, progress=False).plan.meta["model"] == "gpt-like"

@@ -63,6 +63,7 @@ def setup():
     truth = initial_params(cluster, ["fp32"]).with_values({
         "peak_scale.fp32": 0.3, "memory_bandwidth_scale": 0.2, "intra_link_latency_s": 4e-4,
         "intra_link_bandwidth_bytes_per_s": 6e8, "stage_overhead_s": 2e-3, "step_overhead_s": 1e-2,
+        "recompute_overhead_s": 3e-3,
     })
     true_cluster = apply_calibration(cluster, truth)
     times = predict_step_times(plans, profile, true_cluster)
@@ -121,7 +122,7 @@ def test_cluster_profile_round_trips_through_load_cluster(setup, tmp_path):
     assert device.memory_bandwidth_bytes_per_s == pytest.approx(expected.memory_bandwidth_bytes_per_s, rel=1e-12)
     assert loaded.nodes[0].intra_link == result.cluster.nodes[0].intra_link
     assert loaded.num_devices == 4
-    for key in ("stage_overhead_s", "step_overhead_s", "memory_baseline_bytes"):
+    for key in ("stage_overhead_s", "step_overhead_s", "recompute_overhead_s", "memory_baseline_bytes"):
         assert loaded.calibration[key] == pytest.approx(result.cluster.calibration[key], rel=1e-12)
     assert loaded.calibration["estimator"] == "roofline"
     assert loaded.calibration["fit"]["num_plans"] == len(plans)
@@ -257,3 +258,26 @@ def test_minimizers_find_known_optima():
     lo, hi = np.array([-10.0, -10.0]), np.array([10.0, 10.0])
     x, cost, _ = levenberg_marquardt(residuals, np.array([3.0, 2.0]), lo, hi, max_evals=200)
     assert np.allclose(x, [np.log(3.0), -0.7], atol=1e-6) and cost < 1e-12
+
+
+def test_fit_predicts_through_the_shipped_fitted_estimator_as_the_cost_model_does():
+    """The fit's cached predictor applies the table-backed estimator's whole-layer calibration
+    exactly as ``CostModel`` does (it once skipped it, so fits optimised another model)."""
+    import dartspar.cost.fitted  # noqa: F401  (registers "fitted")
+    from dartspar.calibrate import _StepTimePredictor
+    from dartspar.cost.latency import make_estimator
+
+    estimator = make_estimator("fitted")
+    profile = replace(gpt_like_profile(num_blocks=2, batch=4, seq=32, hidden=64, vocab=256, heads=4), dtype_bytes=4)
+    cluster = load_cluster("cpu4")
+    L = profile.num_layers
+    plans = [Plan((stage(0, L, [0], 1, 1),), "1f1b", 2, 4),
+             Plan((stage(0, 2, [0], 1, 1), stage(2, L, [1], 1, 1)), "gpipe", 4, 4),
+             Plan((stage(0, L, [0, 1], 1, 2),), "1f1b", 1, 8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "scaled from": intended
+        base = calibration_base(cluster, estimator)
+        params = initial_params(base, ["fp32"]).with_values({"peak_scale.fp32": 1.7, "stage_overhead_s": 1e-3})
+        fit_view = _StepTimePredictor(plans, profile, base, estimator, "fp32")(params)
+        model_view = predict_step_times(plans, profile, apply_calibration(base, params), estimator)
+    assert np.allclose(fit_view, model_view, rtol=1e-12)

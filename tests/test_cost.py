@@ -280,3 +280,13 @@ def test_optimizer_update_is_memory_bound_and_fsdp_shards_it(case):
     units = sum(lay.num_params > 0 for lay in profile.layers)
     assert fsdp.stages[0].update_s == pytest.approx(
         moved / 4 / device.memory_bandwidth_bytes_per_s + units * per_unit, rel=1e-9)
+
+
+def test_recompute_overhead_is_paid_per_recomputed_layer_and_micro_batch(case):
+    profile, cluster, cm, space = case
+    with_overhead = CostModel(profile, cluster, recompute_overhead_s=1e-3)
+    for recompute in (False, True):
+        plan = one_stage_plan(space, (1, 1), recompute=recompute)
+        base, more = cm.evaluate(plan).stages[0], with_overhead.evaluate(plan).stages[0]
+        assert more.bwd_s - base.bwd_s == pytest.approx(1e-3 * profile.num_layers if recompute else 0.0, abs=1e-12)
+        assert more.fwd_s == base.fwd_s

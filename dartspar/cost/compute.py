@@ -32,6 +32,9 @@ class ComputeTables:
     bwd_compute_s: torch.Tensor
     tp_fwd_comm_s: torch.Tensor  # the forward pass's tensor-parallel all-reduces
     tp_bwd_comm_s: torch.Tensor  # the backward pass's
+    # Recomputing the layer's forward inside its backward: the forward and its collectives
+    # (plus the cost model's per-layer recompute overhead, added by ``CostModel``).
+    recompute_s: torch.Tensor
 
 
 def tp_degree(layer: LayerProfile, tp: int) -> int:
@@ -137,7 +140,8 @@ def compute_tables(
                 layer_fb = calibrated(kernels_f + kernels_b, gemm_calls[u], device, backward=True)
                 fwd[u, c], bwd[u, c] = layer_f, layer_fb - layer_f
     index = torch.tensor(layer_index)
-    return ComputeTables(fwd[index], bwd[index], tp_fwd[index], tp_bwd[index])
+    fwd, tp_fwd = fwd[index], tp_fwd[index]
+    return ComputeTables(fwd, bwd[index], tp_fwd, tp_bwd[index], fwd + tp_fwd)
 
 
 def optimizer_tables(

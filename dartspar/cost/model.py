@@ -12,7 +12,8 @@ the baselines, the search and the executor's predicted column share every formul
 Step time = pipeline makespan (GPipe / 1F1B closed form, ``schedule.py``) + the slowest stage's
 gradient synchronisation and optimizer update, which start after the stage's last backward and
 are not overlapped, + a fixed per-step overhead. Every stage also pays a fixed overhead per micro-batch and pass
-(kernel launches, the pipelining runtime): both overheads are 0 unless calibrated
+(kernel launches, the pipelining runtime), and every recomputed layer a fixed overhead per
+micro-batch (the checkpoint wrapper's bookkeeping): these overheads are 0 unless calibrated
 (``dartspar.calibrate``), since on GPUs they are small and on CPU they are machine-specific.
 The optimizer update is memory-bound (``compute.optimizer_tables``); under FSDP every layer
 is its own unit, so every layer adds the latency of one all-gather and one reduce-scatter.
@@ -20,7 +21,7 @@ is its own unit, so every layer adds the latency of one all-gather and one reduc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -142,7 +143,7 @@ def relaxed_cost(
     bwd_compute = per_stage(ct.bwd_compute_s)
     tp_fwd = per_stage(ct.tp_fwd_comm_s)
     tp_bwd = per_stage(ct.tp_bwd_comm_s)
-    recompute = per_stage(R[:, None] * (ct.fwd_compute_s + ct.tp_fwd_comm_s))
+    recompute = per_stage(R[:, None] * ct.recompute_s)
     fwd = fwd_compute + tp_fwd + stage_overhead_s
     bwd = bwd_compute + tp_bwd + recompute + stage_overhead_s
 
@@ -250,8 +251,8 @@ class CostModel:
             fp32 (see ``dtype_for``).
         smooth_rel: log-sum-exp temperature for the reported smooth step time, as a fraction of
             the mean per-micro-batch stage time.
-        stage_overhead_s / step_overhead_s: fixed overheads (see module doc); default: the
-            cluster's calibration, else 0.
+        stage_overhead_s / step_overhead_s / recompute_overhead_s: fixed overheads (see module
+            doc); default: the cluster's calibration, else 0.
     """
 
     def __init__(
@@ -263,6 +264,7 @@ class CostModel:
         smooth_rel: float = 0.05,
         stage_overhead_s: float | None = None,
         step_overhead_s: float | None = None,
+        recompute_overhead_s: float | None = None,
     ) -> None:
         self.profile = profile
         self.cluster = cluster
@@ -276,13 +278,17 @@ class CostModel:
         self.step_overhead_s = float(
             calibration.get("step_overhead_s", 0.0) if step_overhead_s is None else step_overhead_s
         )
+        self.recompute_overhead_s = float(
+            calibration.get("recompute_overhead_s", 0.0) if recompute_overhead_s is None else recompute_overhead_s
+        )
         # What a process holds before any model state (runtime, allocator pools): it is taken out
         # of every device's capacity in the tables, so every planner sees it, and added back in
         # the reported per-device memory.
         self.memory_baseline_bytes = float(calibration.get("memory_baseline_bytes", 0.0))
-        if self.stage_overhead_s < 0 or self.step_overhead_s < 0:
+        if min(self.stage_overhead_s, self.step_overhead_s, self.recompute_overhead_s) < 0:
             raise ValueError(
-                f"overheads must be >= 0, got stage_overhead_s={self.stage_overhead_s}, "
+                f"overheads must be >= 0, got recompute_overhead_s={self.recompute_overhead_s}, "
+                f"stage_overhead_s={self.stage_overhead_s}, "
                 f"step_overhead_s={self.step_overhead_s}"
             )
         self._tables: dict = {}
@@ -318,6 +324,8 @@ class CostModel:
 
     def _build_tables(self, configs, micro_batch_size, data_parallel) -> LayerTables:
         compute = compute_tables(self.profile, configs, micro_batch_size, self.estimator, self.dtype_for)
+        if self.recompute_overhead_s:
+            compute = replace(compute, recompute_s=compute.recompute_s + self.recompute_overhead_s)
         memory = memory_tables(self.profile, configs, micro_batch_size, data_parallel)
         tp = torch.tensor([c.tp for c in configs], dtype=torch.float64)
         tp_eff = torch.where(self._tp_splits[:, None], tp[None, :], torch.ones_like(tp)[None, :])
@@ -485,8 +493,6 @@ class CostModel:
 
     def with_prediction(self, plan: Plan) -> Plan:
         """``plan`` with ``predicted`` filled from ``evaluate``."""
-        from dataclasses import replace
-
         b = self.evaluate(plan)
         predicted = {
             "step_time_s": b.step_time_s,

@@ -19,7 +19,7 @@ from ..profile import ModelProfile
 from ..space import SearchSpace, SpaceOptions
 from .result import SearchResult
 
-__all__ = ["search", "METHODS", "method_options", "space_options"]
+__all__ = ["search", "METHODS", "method_options", "space_options", "builtin_model_spec"]
 
 # name -> "module:function"; imported on use so that one missing method does not break the rest.
 METHODS = {
@@ -99,6 +99,7 @@ def search(
     global_batch_size: int | None = None,
     space: SpaceOptions | Mapping | None = None,
     estimator="roofline",
+    compute_dtype: str | None = None,
     seed: int = 0,
     progress: bool = True,
     callback=None,
@@ -116,6 +117,8 @@ def search(
         global_batch_size: samples per step (default: ``space``'s, else the profile's batch).
         space: what may be chosen (``SpaceOptions`` or a mapping of its fields).
         estimator: latency estimator name or instance for the cost model.
+        compute_dtype: GEMM dtype on every device (``CostModel``); None: each device's own
+            (bf16, else fp16, for a 2-byte training dtype).
         seed: RNG seed of stochastic methods.
         progress: let the method print progress.
         callback: called by the method with each history entry (a dict).
@@ -140,7 +143,7 @@ def search(
                 f"search method {method!r} has no options {unknown}; it accepts {sorted(accepted)}"
             )
     options = space_options(space, global_batch_size, profile)
-    cost_model = CostModel(profile, cluster, estimator)
+    cost_model = CostModel(profile, cluster, estimator, compute_dtype=compute_dtype)
     search_space = SearchSpace(profile, cluster, options, cost_model)
     setup_s = time.perf_counter() - start
 
@@ -153,7 +156,9 @@ def search(
         "method": method,
         "seed": seed,
         "cluster": cluster.name,
-        "model": profile.name,
+        # The executor rebuilds built-in models from {"name", "config"}; others keep their label.
+        "model": builtin_model_spec(profile) or profile.name,
+        "model_label": profile.name,
         "profile_meta": dict(profile.meta),
         "estimator": cost_model.estimator.name,
         "global_batch_size": options.global_batch_size,
@@ -166,6 +171,18 @@ def search(
     result.wall_time_s = time.perf_counter() - start
     result.info = {**result.info, "setup_s": setup_s, "search_s": search_s}
     return result
+
+
+def builtin_model_spec(profile: ModelProfile) -> dict | None:
+    """``{"name", "config"}`` of the built-in model (``dartspar.models``) ``profile`` was made
+    from, as ``plan.meta["model"]`` needs it for ``dartspar-run``; None for other models."""
+    from ..models import MODEL_CONFIGS
+
+    config = profile.meta.get("config")
+    for name, (model_cls, _) in MODEL_CONFIGS.items():
+        if profile.meta.get("model_class") == model_cls.__name__ and isinstance(config, dict):
+            return {"name": name, "config": dict(config)}
+    return None
 
 
 def _jsonable(value) -> bool:

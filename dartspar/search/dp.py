@@ -389,6 +389,7 @@ def _order_tensors(space: SearchSpace, order: int, m: int, layer_group: int, nr:
         "fwd": ct.fwd_compute_s + ct.tp_fwd_comm_s,
         "bwd": ct.bwd_compute_s + ct.tp_bwd_comm_s,
         "update": t.step_layer_s,
+        "recompute": ct.recompute_s,
         "grad": t.grad_bytes,
         "param": t.param_bytes,
         "state": mt.state_bytes,
@@ -418,7 +419,7 @@ def _make_branch(space: SearchSpace, base: _OrderTensors, schedule: str, act: st
     r = np.array([float(x) for x in rec])[:, None, None]  # (NR, 1, 1)
 
     f = s["fwd"][None] + overhead  # (1, R, Q)
-    b = s["bwd"][None] + r * s["fwd"][None] + overhead  # (NR, R, Q)
+    b = s["bwd"][None] + r * s["recompute"][None] + overhead  # (NR, R, Q)
 
     # p2p to the next stage: this stage's last layer's output over the link at its end offset.
     links = space.orders[base.order].link_index.numpy()[base.pend]  # (Q,)

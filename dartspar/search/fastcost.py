@@ -52,7 +52,7 @@ class StackedTables:
 
     Tensors (torch, float64): ``lin`` (M, L, NLIN C) = the ``LIN`` columns (fwd, bwd, tp_fwd,
     tp_bwd, state, saved, input, grad, param, update) per layer and config; ``rec`` (M, L, 3C)
-    = [fwd + tp_fwd, saved, input] (the terms that recomputation weights); ``output_bytes`` (M, L); ``dp``, ``capacity_bytes``,
+    = [recompute, saved, input] (the terms that recomputation weights); ``output_bytes`` (M, L); ``dp``, ``capacity_bytes``,
     ``sync_alpha_s``, ``sync_beta_s_per_byte`` (M, C); ``m`` (M,) the micro-batch counts.
     """
 
@@ -95,7 +95,7 @@ class StackedTables:
             lin.append(torch.cat([ct.fwd_compute_s, ct.bwd_compute_s, ct.tp_fwd_comm_s, ct.tp_bwd_comm_s,
                                   mt.state_bytes, mt.saved_bytes, mt.input_bytes, t.grad_bytes, t.param_bytes,
                                   t.step_layer_s], dim=1))
-            rec.append(torch.cat([ct.fwd_compute_s + ct.tp_fwd_comm_s, mt.saved_bytes, mt.input_bytes], dim=1))
+            rec.append(torch.cat([ct.recompute_s, mt.saved_bytes, mt.input_bytes], dim=1))
             out.append(t.output_bytes)
             dp.append(t.dp)
             cap.append(t.capacity_bytes)
