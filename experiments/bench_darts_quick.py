@@ -185,6 +185,8 @@ def main() -> None:
     if args.quality:
         report["quality"] = quality(args.seeds, args.steps, args.dp_time_limit)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # The exact command, so that the paper can say which one produced these numbers.
+    report["command"] = " ".join(["python", Path(__file__).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]])
     (RESULTS / "bench_darts_quick.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {RESULTS / 'bench_darts_quick.json'}")
 

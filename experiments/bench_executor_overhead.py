@@ -195,6 +195,8 @@ def main() -> None:
     }
     out = REPO / "experiments" / "results" / "executor_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The exact command, so that the paper can say which one produced these numbers.
+    result["command"] = " ".join(["python", Path(__file__).resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix(), *sys.argv[1:]])
     out.write_text(json.dumps(result, indent=1))
     print()
     print(f"{'':26s}{'step wall (median)':>20s}{'CPU per step (all ranks)':>26s}")

@@ -33,6 +33,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import replace
@@ -331,6 +332,8 @@ def main() -> None:
         "summary": summary,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    # The exact command, so that the paper can say which one produced these numbers.
+    out["command"] = " ".join(["python", Path(__file__).resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix(), *sys.argv[1:]])
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))
     print_tables(cases, summary)
     print(f"\nwrote {args.out} ({out['wall_time_s']:.0f} s)")

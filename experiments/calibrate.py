@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         "options": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
                     "max_processes": args.max_processes},
     }
+    # The exact command, so that the paper can say which one produced these numbers.
+    out["command"] = " ".join(["python", Path(__file__).resolve().relative_to(ROOT).as_posix(), *sys.argv[1:]])
     (out_dir / "calibrate.json").write_text(json.dumps(out, indent=1))
     plot(out_dir / "calibrate.png", rows, figures)
 

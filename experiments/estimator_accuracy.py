@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_s": time.time() - started,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    # The exact command, so that the paper can say which one produced these numbers.
+    result["command"] = " ".join(["python", Path(__file__).resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix(), *sys.argv[1:]])
     (args.out_dir / "estimator_accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     _plot(gemm_results, block_results, summary, args.out_dir / "estimator_accuracy.png")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -198,6 +199,8 @@ def main() -> None:
         "cases": cases,
         "runtime_s": time.perf_counter() - started,
     }
+    # The exact command, so that the paper can say which one produced these numbers.
+    out["command"] = " ".join(["python", Path(__file__).resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix(), *sys.argv[1:]])
     (RESULTS / "sim_vs_closed_form.json").write_text(json.dumps(out, indent=1))
     save_example_plot(RESULTS / "sim_timeline_example.png")
     print_table(summary)

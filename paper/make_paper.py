@@ -121,7 +121,8 @@ def provenance(name: str, data, log: dict) -> str:
     if isinstance(data, dict) and data.get("command"):
         return f"`{data['command'].strip()}`"
     if isinstance(data, dict) and isinstance(data.get("options"), dict):
-        opts = " ".join(f"--{k} {v}" for k, v in data["options"].items() if k in ("steps", "warmup", "seed", "rounds"))
+        opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in data["options"].items()
+                        if k in ("steps", "warmup", "seed", "rounds", "repeats", "max_processes"))
         return f"`python {prod.script} {opts}`".replace(" `", "`") + " (options as recorded in the JSON)"
     return f"`python {prod.script}` (existing JSON, options not recorded in it)"
 
