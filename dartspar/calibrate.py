@@ -267,11 +267,13 @@ def _bounds(name: str, estimator: LatencyEstimator) -> tuple[float, float]:
 class Measurement:
     """What a run measured for ``plan``: the step time (s) and each rank's peak memory (bytes).
 
-    Rank r ran the plan's device id r (the executor's layout)."""
+    Rank r ran the plan's device id r (the executor's layout). ``profile``: the model the plan
+    ran, when the measurements span several models (None: the profile the caller passes)."""
 
     plan: Plan
     step_time_s: float
     peak_bytes_per_rank: dict
+    profile: ModelProfile | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.step_time_s, (int, float)) and math.isfinite(self.step_time_s)
@@ -410,26 +412,53 @@ def _memory_baseline_in_model(cm: CostModel) -> bool:
     return hasattr(cm, "memory_baseline_bytes")
 
 
+def _per_plan_profiles(plans: Sequence[Plan], profile) -> list[ModelProfile]:
+    """``profile`` (one ModelProfile for every plan, or a sequence with one per plan) as a list."""
+    if isinstance(profile, ModelProfile):
+        return [profile] * len(plans)
+    profiles = list(profile)
+    if len(profiles) != len(plans) or not all(isinstance(p, ModelProfile) for p in profiles):
+        raise ValueError(
+            f"profile must be a ModelProfile or one ModelProfile per plan ({len(plans)} plans), "
+            f"got {len(profiles)} entries"
+        )
+    return profiles
+
+
+def _cost_models(plans: Sequence[Plan], profile, cluster: Cluster, **options) -> list[CostModel]:
+    """One CostModel per plan, shared by the plans of one profile (its tables are cached)."""
+    models: dict[int, CostModel] = {}
+    out = []
+    for prof in _per_plan_profiles(plans, profile):
+        if id(prof) not in models:
+            models[id(prof)] = CostModel(prof, cluster, **options)
+        out.append(models[id(prof)])
+    return out
+
+
 def predict_step_times(
-    plans: Sequence[Plan], profile: ModelProfile, cluster: Cluster,
+    plans: Sequence[Plan], profile: ModelProfile | Sequence[ModelProfile], cluster: Cluster,
     estimator: LatencyEstimator | str = "roofline", compute_dtype: str | None = None,
 ) -> np.ndarray:
     """``CostModel(profile, cluster, estimator).evaluate(plan).step_time_s`` of every plan, in
-    seconds (the cluster's calibrated overheads included)."""
-    cm = CostModel(profile, cluster, _estimator(estimator), compute_dtype=compute_dtype)
-    return np.array([cm.evaluate(p).step_time_s for p in plans])
+    seconds (the cluster's calibrated overheads included). ``profile``: one for every plan, or
+    one per plan."""
+    models = _cost_models(plans, profile, cluster, estimator=_estimator(estimator), compute_dtype=compute_dtype)
+    return np.array([cm.evaluate(p).step_time_s for cm, p in zip(models, plans)])
 
 
 def predict_peak_bytes(
-    plans: Sequence[Plan], profile: ModelProfile, cluster: Cluster,
+    plans: Sequence[Plan], profile: ModelProfile | Sequence[ModelProfile], cluster: Cluster,
     estimator: LatencyEstimator | str = "roofline", compute_dtype: str | None = None,
 ) -> list[dict[int, float]]:
     """Per plan, the predicted peak bytes of every device id: the cost model's figure plus the
-    cluster's ``calibration["memory_baseline_bytes"]`` (the runtime's own footprint)."""
-    cm = CostModel(profile, cluster, _estimator(estimator), compute_dtype=compute_dtype)
-    baseline = 0.0 if _memory_baseline_in_model(cm) else float(
+    cluster's ``calibration["memory_baseline_bytes"]`` (the runtime's own footprint).
+    ``profile``: one for every plan, or one per plan."""
+    models = _cost_models(plans, profile, cluster, estimator=_estimator(estimator), compute_dtype=compute_dtype)
+    baseline = 0.0 if _memory_baseline_in_model(models[0]) else float(
         (cluster.calibration or {}).get("memory_baseline_bytes", 0.0))
-    return [{d: b + baseline for d, b in cm.evaluate(p).peak_bytes_per_device.items()} for p in plans]
+    return [{d: b + baseline for d, b in cm.evaluate(p).peak_bytes_per_device.items()}
+            for cm, p in zip(models, plans)]
 
 
 class _StepTimePredictor:
@@ -441,7 +470,7 @@ class _StepTimePredictor:
     overheads change.
     """
 
-    def __init__(self, plans: Sequence[Plan], profile: ModelProfile, cluster: Cluster,
+    def __init__(self, plans: Sequence[Plan], profile: ModelProfile | Sequence[ModelProfile], cluster: Cluster,
                  estimator: LatencyEstimator, compute_dtype: str | None) -> None:
         self.plans = list(plans)
         self.profile, self.cluster = profile, cluster
@@ -458,14 +487,15 @@ class _StepTimePredictor:
         if key not in self._cache:
             if len(self._cache) > 64:  # the search revisits only its latest points
                 self._cache.pop(next(iter(self._cache)))
-            cm = CostModel(self.profile, apply_calibration(self.cluster, params), self.estimator,
-                           compute_dtype=self.compute_dtype, stage_overhead_s=0.0, step_overhead_s=0.0,
-                           recompute_overhead_s=params.recompute_overhead_s)
+            models = _cost_models(self.plans, self.profile, apply_calibration(self.cluster, params),
+                                  estimator=self.estimator, compute_dtype=self.compute_dtype,
+                                  stage_overhead_s=0.0, step_overhead_s=0.0,
+                                  recompute_overhead_s=params.recompute_overhead_s)
             with warnings.catch_warnings():
                 # A table-backed estimator warns that the calibrated device is scaled from its
                 # table: that is the point here (see ``calibration_base``).
                 warnings.simplefilter("ignore", UserWarning)
-                self._cache[key] = [cm.one_hot(plan) for plan in self.plans]
+                self._cache[key] = [cm.one_hot(plan) for cm, plan in zip(models, self.plans)]
             self.table_builds += 1
         return self._cache[key]
 
@@ -527,11 +557,12 @@ def assess_predictions(
         raise ValueError("assess_predictions needs at least one measurement")
     est = _estimator(estimator)
     plans = [m.plan for m in measurements]
+    profiles = [m.profile or profile for m in measurements]
     measured = np.array([m.step_time_s for m in measurements])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        step = _step_figures(predict_step_times(plans, profile, cluster, est, compute_dtype), measured)
-        peaks = predict_peak_bytes(plans, profile, cluster, est, compute_dtype)
+        step = _step_figures(predict_step_times(plans, profiles, cluster, est, compute_dtype), measured)
+        peaks = predict_peak_bytes(plans, profiles, cluster, est, compute_dtype)
     pred, meas, where = _memory_pairs(measurements, peaks)
     baseline = float((cluster.calibration or {}).get("memory_baseline_bytes", 0.0))
     memory = _memory_figures(pred, meas, baseline) if len(meas) else {}
@@ -722,7 +753,10 @@ def fit_calibration(
         measurements: ``Measurement``s, or (plan, run report) pairs (``RunReport`` or its dict,
             read by ``measurement_from_report``). Every plan must validate against ``profile``
             and ``cluster``.
-        profile: the model's profile; its ``dtype_bytes`` must match what ran (4 for fp32).
+        profile: the model's profile, for measurements without one of their own
+            (``Measurement.profile``); its ``dtype_bytes`` must match what ran (4 for fp32).
+            Measurements of several models (different widths) separate compute, memory-bound
+            work and fixed overheads, which the plans of one model leave nearly collinear.
         cluster: the cluster the plans ran on, with one device model and one intra-node link.
         estimator: latency estimator (name or instance) the cost model uses; the fitted figures
             are specific to it.
@@ -752,9 +786,10 @@ def fit_calibration(
     est = _estimator(estimator)
     base_cluster = calibration_base(cluster, est)
     device, _ = _single_device_and_link(base_cluster)
-    dtype = compute_dtype or CostModel(profile, base_cluster, est).dtype_for(device)
-    start = initial or initial_params(base_cluster, [dtype])
     plans = [m.plan for m in data]
+    profiles = [m.profile or profile for m in data]
+    dtype = compute_dtype or CostModel(profiles[0], base_cluster, est).dtype_for(device)
+    start = initial or initial_params(base_cluster, [dtype])
     measured = np.array([m.step_time_s for m in data])
     names = list(start.as_dict())
     if free is None:
@@ -768,7 +803,7 @@ def fit_calibration(
     if not free_names:
         raise ValueError("fit_calibration: nothing to fit (free is empty)")
 
-    predictor = _StepTimePredictor(plans, profile, base_cluster, est, dtype)
+    predictor = _StepTimePredictor(plans, profiles, base_cluster, est, dtype)
     lo = np.log([_bounds(n, est)[0] for n in free_names])
     hi = np.log([_bounds(n, est)[1] for n in free_names])
     start_values = start.as_dict()
@@ -860,7 +895,7 @@ def fit_calibration(
 
     # The cost model's own bytes (no baseline in the calibration yet) against the measured peaks.
     model_only = apply_calibration(base_cluster, fitted)
-    pred_mem, meas_mem, _ = _memory_pairs(data, predict_peak_bytes(plans, profile, model_only, est, dtype))
+    pred_mem, meas_mem, _ = _memory_pairs(data, predict_peak_bytes(plans, profiles, model_only, est, dtype))
     baseline = fit_memory_baseline(pred_mem, meas_mem) if len(meas_mem) else 0.0
     calibrated = apply_calibration(base_cluster, fitted, f"{cluster.name}-calibrated", baseline)
     return CalibrationResult(

@@ -1,13 +1,15 @@
 """Closing the loop: predicted vs measured step time and memory over many plans, before and
 after calibrating the cost model to this machine.
 
-Runs up to 30 different plans of a small GPT (4 blocks, h=128, s=64, vocab 256; 6 pipeline
-layers) on 1, 2 and 4 CPU processes (gloo) with the dartspar executor: pp 1/2/4, dp 1/2
-(replicated or FSDP), tp 1/2, 1-16 micro-batches of 1-16 samples, GPipe and 1F1B, recompute on
-and off. Every rank runs one torch thread (``OMP_NUM_THREADS=1``), so a "device" is one core.
-Plans with more processes than the host has cores are skipped (``--max-processes``, default
-the core count: 22 plans on a 2-core host): oversubscribed ranks time-share cores, which the
-operating system schedules and no per-device cost model describes.
+Runs up to 37 different plans of two small GPTs (4 blocks of width 128, and 2 blocks of width
+256; s=64, vocab 256) on 1, 2 and 4 CPU processes (gloo) with the dartspar executor: pp 1/2/4,
+dp 1/2 (replicated or FSDP), tp 1/2, 1-16 micro-batches of 1-16 samples, GPipe and 1F1B,
+recompute on and off. Two widths keep compute, memory-bound work and fixed overheads apart in
+the fit (with one model they are nearly collinear, and a fit on them does not carry over to
+other models). Every rank runs one torch thread (``OMP_NUM_THREADS=1``), so a "device" is one
+core. Plans with more processes than the host has cores are skipped (``--max-processes``,
+default the core count: 29 plans on a 2-core host): oversubscribed ranks time-share cores,
+which the operating system schedules and no per-device cost model describes.
 
 Measured per plan: step time = the run report's median over the post-warm-up steps of the
 slowest rank's step; memory = every rank's peak resident set (VmHWM: Python, torch and gloo
@@ -76,9 +78,12 @@ from dartspar.profile import profile as profile_model  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 PROFILE_OUT = ROOT / "conf" / "cluster" / "cpu4-calibrated.yaml"
-MODEL = {"name": "gpt", "config": {"num_layers": 4, "hidden": 128, "num_heads": 4, "seq_len": 64,
-                                   "vocab_size": 256}}
-NUM_LAYERS = MODEL["config"]["num_layers"] + 2  # embedding, blocks, head
+MODELS = {
+    "narrow": {"name": "gpt", "config": {"num_layers": 4, "hidden": 128, "num_heads": 4, "seq_len": 64,
+                                         "vocab_size": 256}},
+    "wide": {"name": "gpt", "config": {"num_layers": 2, "hidden": 256, "num_heads": 4, "seq_len": 64,
+                                       "vocab_size": 256}},
+}
 FIT_FRACTION = 0.55
 SEED = 0
 
@@ -87,21 +92,22 @@ SEED = 0
 class Case:
     name: str
     plan: Plan
+    model: str  # key of MODELS
 
 
 def _stage(a: int, b: int, devices, dp: int = 1, tp: int = 1, recompute: bool = False) -> StageSpec:
     return StageSpec(a, b, tuple(devices), dp, tp, (recompute,) * (b - a))
 
 
-def _plan(stages, schedule: str, m: int, mbs: int, data_parallel: str = "replicate") -> Plan:
+def _plan(stages, schedule: str, m: int, mbs: int, data_parallel: str = "replicate", model: str = "narrow") -> Plan:
     return Plan(stages=tuple(stages), schedule=schedule, num_microbatches=m, micro_batch_size=mbs,
-                data_parallel=data_parallel, meta={"model": MODEL})
+                data_parallel=data_parallel, meta={"model": MODELS[model]})
 
 
 def plan_set(max_processes: int | None = None) -> list[Case]:
     """The plans (names say pp/dp/tp, schedule, micro-batches m, micro-batch size b) that use
-    at most ``max_processes`` processes (None: all 30)."""
-    L = NUM_LAYERS
+    at most ``max_processes`` processes (None: all 37). Names starting "w-" use the wide model."""
+    L = MODELS["narrow"]["config"]["num_layers"] + 2  # embedding, blocks, head
     full = lambda devices, dp=1, tp=1, rc=False: [_stage(0, L, devices, dp, tp, rc)]  # noqa: E731
     two = lambda d0, d1, dp=1, tp=1, rc=False, cut=3: [  # noqa: E731
         _stage(0, cut, d0, dp, tp, rc), _stage(cut, L, d1, dp, tp, rc)]
@@ -142,7 +148,20 @@ def plan_set(max_processes: int | None = None) -> list[Case]:
         "pp2tp2-1f1b-m4-b4": _plan(two([0, 1], [2, 3], tp=2), "1f1b", 4, 4),
         "dp2tp2-m2-b4": _plan(full([0, 1, 2, 3], dp=2, tp=2), "1f1b", 2, 4),
     }
-    return [Case(name, plan) for name, plan in cases.items()
+    W = MODELS["wide"]["config"]["num_layers"] + 2
+    wide = lambda stages, *args, **kw: _plan(stages, *args, **kw, model="wide")  # noqa: E731
+    whole = lambda devices, dp=1, tp=1, rc=False: [_stage(0, W, devices, dp, tp, rc)]  # noqa: E731
+    halves = lambda rc=False: [_stage(0, 2, [0], recompute=rc), _stage(2, W, [1], recompute=rc)]  # noqa: E731
+    cases.update({
+        "w-pp1-m2-b4": wide(whole([0]), "1f1b", 2, 4),
+        "w-pp1-m4-b2-rc": wide(whole([0], rc=True), "1f1b", 4, 2),
+        "w-pp2-1f1b-m4-b4": wide(halves(), "1f1b", 4, 4),
+        "w-pp2-gpipe-m2-b8-rc": wide(halves(rc=True), "gpipe", 2, 8),
+        "w-dp2-m2-b8": wide(whole([0, 1], dp=2), "1f1b", 2, 8),
+        "w-dp2-fsdp-m2-b4": wide(whole([0, 1], dp=2), "1f1b", 2, 4, "fsdp"),
+        "w-tp2-m2-b4": wide(whole([0, 1], tp=2), "1f1b", 2, 4),
+    })
+    return [Case(name, plan, "wide" if name.startswith("w-") else "narrow") for name, plan in cases.items()
             if max_processes is None or len(plan.device_ids) <= max_processes]
 
 
@@ -157,14 +176,14 @@ def kind(plan: Plan) -> str:
 
 
 def split(cases: list[Case], seed: int) -> tuple[list[str], list[str]]:
-    """Seeded fit / held-out split within each parallelism kind, so that the fit sees every
-    cost term (pipeline transfers, gradient synchronisation, tensor-parallel all-reduces) and
-    the held-out set tests each kind it can; a kind with one plan goes to the fit."""
+    """Seeded fit / held-out split within each (model, parallelism kind), so that the fit sees
+    every cost term (pipeline transfers, gradient synchronisation, tensor-parallel all-reduces)
+    of both models and the held-out set tests each it can; a group of one plan goes to the fit."""
     rng = random.Random(seed)
     fit, held = [], []
-    kinds: dict[str, list[str]] = {}
+    kinds: dict[tuple[str, str], list[str]] = {}
     for c in cases:
-        kinds.setdefault(kind(c.plan), []).append(c.name)
+        kinds.setdefault((c.model, kind(c.plan)), []).append(c.name)
     for names in kinds.values():
         rng.shuffle(names)
         k = len(names) if len(names) == 1 else max(1, min(len(names) - 1, round(FIT_FRACTION * len(names))))
@@ -219,15 +238,16 @@ def run_all(cases: list[Case], runs_dir: Path, steps: int, warmup: int, repeats:
     return reports, time.perf_counter() - start
 
 
-def combine(plan: Plan, passes: list[dict]) -> Measurement:
-    """One measurement from the passes of a plan: the median over passes of each pass's median
-    step time, and of each rank's peak."""
+def combine(plan: Plan, passes: list[dict], profile) -> Measurement:
+    """One measurement (of the model ``profile``) from the passes of a plan: the median over
+    passes of each pass's median step time, and of each rank's peak."""
     singles = [measurement_from_report(plan, r) for r in passes]
     ranks = sorted(singles[0].peak_bytes_per_rank)
     return Measurement(
         plan=plan,
         step_time_s=float(statistics.median(m.step_time_s for m in singles)),
         peak_bytes_per_rank={r: float(statistics.median(m.peak_bytes_per_rank[r] for m in singles)) for r in ranks},
+        profile=profile,
     )
 
 
@@ -326,18 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     roofline = make_estimator("roofline")
 
     t0 = time.perf_counter()
-    model = build_model(MODEL["name"], **MODEL["config"])
-    # The executor trains in fp32 on CPU: 4-byte activations, parameters and gradients.
-    profile = profile_model(model, model.example_inputs(4, device="meta"), dtype_bytes=4)
+    profiles = {}
+    for key, spec in MODELS.items():
+        model = build_model(spec["name"], **spec["config"])
+        # The executor trains in fp32 on CPU: 4-byte activations, parameters and gradients.
+        profiles[key] = profile_model(model, model.example_inputs(4, device="meta"), dtype_bytes=4, name=key)
+    profile = profiles["narrow"]  # for calls that need one; every measurement carries its own
     profile_s = time.perf_counter() - t0
 
-    catalogue_cm = CostModel(profile, cluster, roofline)
-    peak_before = predict_peak_bytes([c.plan for c in cases], profile, cluster, roofline)
+    catalogue_cm = {key: CostModel(p, cluster, roofline) for key, p in profiles.items()}
+    peak_before = predict_peak_bytes([c.plan for c in cases], [profiles[c.model] for c in cases], cluster, roofline)
     order = {c.name: max(p.values()) for c, p in zip(cases, peak_before)}
     reports, run_s = run_all(cases, Path(args.runs_dir), args.steps, args.warmup, args.repeats,
                              args.reuse, order_key=lambda c: order[c.name])
 
-    measurements = {c.name: combine(c.plan, reports[c.name]) for c in cases}
+    measurements = {c.name: combine(c.plan, reports[c.name], profiles[c.model]) for c in cases}
     # Run-to-run spread: how far single passes fall from the plan's median over passes, in the
     # MAPE's units; no model of the median can be expected to do better on a single pass.
     spread = [abs(r["step_time_s"] - measurements[c.name].step_time_s) / measurements[c.name].step_time_s
@@ -373,10 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         ranks = sorted(m.peak_bytes_per_rank)
         n = len(ranks)
         report = reports[case.name][0]
-        state_pred = _state_bytes_per_stage(catalogue_cm, case.plan)
+        state_pred = _state_bytes_per_stage(catalogue_cm[case.model], case.plan)
         stage_of = {d: k for k, s in enumerate(case.plan.stages) for d in s.device_ids}
         rows.append({
             "name": case.name,
+            "model": case.model,
             "subset": "fit" if case.name in fit_names else "heldout",
             "world_size": len(case.plan.device_ids),
             "launch_position": [r["launch_position"] for r in reports[case.name]],
@@ -416,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "description": f"predicted vs measured step time and peak memory of {len(cases)} plans on "
                        "this CPU host, before and after dartspar.calibrate",
         "targets": {"step_mape_max": 0.10, "kendall_tau_min": 0.8, "memory_mape_max": 0.10},
-        "model": MODEL,
+        "models": MODELS,
         "estimator": estimator.name,
         "estimator_note": estimator_note,
         "fit_plans": fit_names,

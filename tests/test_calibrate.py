@@ -281,3 +281,19 @@ def test_fit_predicts_through_the_shipped_fitted_estimator_as_the_cost_model_doe
         fit_view = _StepTimePredictor(plans, profile, base, estimator, "fp32")(params)
         model_view = predict_step_times(plans, profile, apply_calibration(base, params), estimator)
     assert np.allclose(fit_view, model_view, rtol=1e-12)
+
+
+def test_measurements_of_several_models_are_predicted_with_their_own_profiles(setup):
+    profile, cluster, plans, truth, measurements, _ = setup
+    wide = replace(gpt_like_profile(num_blocks=2, batch=4, seq=32, hidden=128, vocab=1024, heads=4), dtype_bytes=4)
+    true_cluster = apply_calibration(cluster, truth)
+    wide_times = predict_step_times(plans, wide, true_cluster)
+    assert not np.allclose(wide_times, [m.step_time_s for m in measurements], rtol=0.05)
+    mixed = measurements[:4] + [Measurement(p, float(t), {}, profile=wide) for p, t in zip(plans[4:], wide_times[4:])]
+    # One profile per plan, or each measurement's own: the same predictions.
+    per_plan = predict_step_times(plans, [profile] * 4 + [wide] * 4, true_cluster)
+    assert np.allclose(per_plan[4:], wide_times[4:], rtol=1e-12)
+    result = fit_calibration(mixed, profile, cluster, "roofline", starts=({}, {"memory_bandwidth_scale": 0.1}))
+    assert result.after["step"]["mape"] < 1e-3
+    with pytest.raises(ValueError, match="one ModelProfile per plan"):
+        predict_step_times(plans, [profile] * 3, true_cluster)

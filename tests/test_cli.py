@@ -34,6 +34,17 @@ def _app(entry: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def _load_experiment(name: str):
+    """A script of experiments/ as a module (the folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _profile(name: str, config: dict, dtype_bytes: int):
     with torch.device("meta"):
         model = build_model(name, **config)
@@ -148,7 +159,7 @@ def test_search_tiny_dp_writes_a_valid_plan_and_compares(tmp_path):
 def test_search_sweep_gives_each_job_its_folder_and_offline_wandb_run(tmp_path):
     sweep = tmp_path / "sweep"
     out = _app("search_main", "-m", "model=mlp", "cluster=cpu2", "search=random",
-               "search.options.budget=20", "search.seed=0,1", "compare.baselines=[]",
+               "search.options.budget=20", "search.seed=0,1", "compare.baselines=[dp]",
                "search.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for job in ("0", "1"):
@@ -159,6 +170,19 @@ def test_search_sweep_gives_each_job_its_folder_and_offline_wandb_run(tmp_path):
         assert len(runs) == 1 and runs[0].stat().st_size > 0
     seeds = [json.loads((sweep / j / "plan.json").read_text())["meta"]["seed"] for j in ("0", "1")]
     assert seeds == [0, 1]
+
+    # The sweep as a benchmark: one table of every job's methods (experiments/collect_sweep.py).
+    collect_sweep = _load_experiment("collect_sweep")
+    assert collect_sweep.main([str(sweep)]) == 0
+    rows = json.loads((sweep / "sweep.json").read_text())["search"]
+    seed_of = {r["overrides"]: next(o for o in r["overrides"].split() if o.startswith("search.seed=")) for r in rows}
+    assert [(seed_of[r["overrides"]], r["method"]) for r in rows] == [
+        ("search.seed=0", "random"), ("search.seed=0", "dp"), ("search.seed=1", "random"), ("search.seed=1", "dp")]
+    # The DP is exact on this space: it is each job's best, random is no better.
+    assert all(r["vs_best"] == 1.0 for r in rows if r["method"] == "dp")
+    assert all(r["vs_best"] >= 1.0 for r in rows)
+    assert (sweep / "sweep.png").stat().st_size > 0
+    assert collect_sweep.main([str(tmp_path / "nope")]) == 2
 
 
 def test_search_reporter_logs_numbers_and_heatmaps():
