@@ -59,7 +59,7 @@ PRODUCERS = {
     "bench_profile": Producer("bench_profile.json", "experiments/bench_profile.py", (), ()),
     "estimator_accuracy": Producer("estimator_accuracy.json", "experiments/estimator_accuracy.py", ("--rounds", "3"), ()),
     "executor_overhead": Producer("executor_overhead.json", "experiments/bench_executor_overhead.py",
-                                  ("--rounds", "1", "--steps", "15", "--warmup", "4"), ()),
+                                  ("--rounds", "3", "--steps", "15", "--warmup", "4"), ()),
 }
 NEEDS = {"a": ["darts_history"], "b": ["bench_search"], "c": ["bench_search"], "d": ["calibrate"],
          "e": ["timeline"], "f": ["bench_search"],
