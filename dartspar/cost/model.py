@@ -11,10 +11,11 @@ the baselines, the search and the executor's predicted column share every formul
 
 Step time = pipeline makespan (GPipe / 1F1B closed form, ``schedule.py``) + the slowest stage's
 gradient synchronisation and optimizer update, which start after the stage's last backward and
-are not overlapped, + a fixed per-step overhead. Every stage also pays a fixed overhead per micro-batch and pass
-(kernel launches, the pipelining runtime), and every recomputed layer a fixed overhead per
-micro-batch (the checkpoint wrapper's bookkeeping): these overheads are 0 unless calibrated
-(``dartspar.calibrate``), since on GPUs they are small and on CPU they are machine-specific.
+are not overlapped, + a fixed per-step overhead. Every stage also pays a fixed overhead per
+micro-batch and pass (kernel launches, the pipelining runtime), and every recomputed layer a
+fixed overhead per micro-batch (the checkpoint wrapper's bookkeeping): these overheads are 0
+unless calibrated (``dartspar.calibrate``), since on GPUs they are small and on CPU they are
+machine-specific.
 The optimizer update is memory-bound (``compute.optimizer_tables``); under FSDP every layer
 is its own unit, so every layer adds the latency of one all-gather and one reduce-scatter.
 """
