@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 from matplotlib.figure import Figure
 
 from dartspar.viz.heatmap import plot_stage_evolution, plot_stage_probabilities, save_figure
@@ -193,6 +194,10 @@ def fig_calibration(data: dict, path: Path, source: str = "calibrate.json") -> d
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # Minor-tick labels of a log axis collide at these ranges; plain numbers read better.
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("measured step time (ms)")
         ax.set_ylabel("predicted step time (ms)")
         ax.set_title(f"{when} calibration: MAPE {100 * stats['all']['step_mape']:.1f}%, "

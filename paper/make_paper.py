@@ -364,7 +364,8 @@ def render(done: dict, errors: dict, log: dict, total_s: float, argv: list[str])
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(ALL), help="comma-separated subset of " + ",".join(ALL))
+    parser.add_argument("--only", default=",".join(ALL),
+                        help="comma-separated subset of " + ",".join(ALL) + " (paper.md then holds only those parts)")
     parser.add_argument("--rerun", action="store_true", help="re-run producers even when their JSON exists")
     parser.add_argument("--full", action="store_true", help="producers at their full size")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmarks' JSON")
