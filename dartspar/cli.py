@@ -230,7 +230,8 @@ def plan_table(plan, breakdown) -> str:
     )
     rows.append(
         f"step time {1e3 * breakdown.step_time_s:.3f} ms (pipeline {1e3 * breakdown.makespan_s:.3f} ms "
-        f"of which bubble {1e3 * breakdown.bubble_s:.3f} ms, dp sync {1e3 * breakdown.dp_sync_s:.3f} ms)"
+        f"of which bubble {1e3 * breakdown.bubble_s:.3f} ms, dp sync {1e3 * breakdown.dp_sync_s:.3f} ms, "
+        f"optimizer update {1e3 * breakdown.terms['update_s']:.3f} ms)"
     )
     rows.append(_fit_line(breakdown))
     return "\n".join(rows)
