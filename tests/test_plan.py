@@ -36,7 +36,9 @@ def test_json_round_trip(tmp_path):
 
 
 def test_valid_plan_passes():
-    two_stage_plan().validate(gpt_like_profile(), mixed_cluster())
+    plan = two_stage_plan()
+    assert plan.validate(gpt_like_profile(), mixed_cluster()) is None  # raises PlanError if invalid
+    assert plan.device_ids == (0, 1, 2, 3, 4, 5) and plan.global_batch_size == 32
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,15 @@ def gumbel_noise(shape: torch.Size | tuple, generator: torch.Generator, dtype=to
     return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-12)))
 
 
+def _check_relaxation(mode: str, temperature: float, generator: torch.Generator | None) -> None:
+    if mode not in RELAXATIONS:
+        raise ValueError(f"relaxation={mode!r} is not one of {RELAXATIONS}")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if mode != "softmax" and generator is None:
+        raise ValueError(f"relaxation={mode!r} needs a torch.Generator for its noise")
+
+
 def relax_categorical(
     logits: torch.Tensor,
     temperature: float,
@@ -79,14 +88,9 @@ def relax_categorical(
     Returns:
         (..., n) probabilities (rows sum to 1).
     """
-    if mode not in RELAXATIONS:
-        raise ValueError(f"relaxation={mode!r} is not one of {RELAXATIONS}")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+    _check_relaxation(mode, temperature, generator)
     z = logits
     if mode != "softmax":
-        if generator is None:
-            raise ValueError(f"relaxation={mode!r} needs a torch.Generator for its noise")
         z = z + gumbel_noise(z.shape, generator, z.dtype)
     z = z / temperature
     if mask is not None:
@@ -105,14 +109,9 @@ def relax_binary(
 ) -> torch.Tensor:
     """Relaxed P(on) of independent binary choices: ``sigmoid(z / T)``, or its Gumbel (logistic
     noise) sample, or the hard straight-through sample; same modes as ``relax_categorical``."""
-    if mode not in RELAXATIONS:
-        raise ValueError(f"relaxation={mode!r} is not one of {RELAXATIONS}")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+    _check_relaxation(mode, temperature, generator)
     z = logits
     if mode != "softmax":
-        if generator is None:
-            raise ValueError(f"relaxation={mode!r} needs a torch.Generator for its noise")
         # The difference of two Gumbels is logistic: log u - log(1 - u).
         u = torch.rand(z.shape, generator=generator, dtype=z.dtype).clamp(1e-12, 1 - 1e-12)
         z = z + torch.log(u) - torch.log1p(-u)
